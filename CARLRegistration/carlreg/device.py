@@ -1,0 +1,79 @@
+"""The one place that picks the device and the numeric precision.
+
+An explicit choice wins; ``"auto"`` takes CUDA, then Apple MPS, then the CPU.
+Precision ``"bf16"`` runs convolutions and attention scores in bfloat16 under
+``torch.autocast`` (maps, sampling and the attention's weighted sums stay
+float32); it is for inference on hardware with native bfloat16 support.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Union
+
+import torch
+
+__all__ = ["PRECISIONS", "resolve_device", "bf16_supported", "resolve_precision", "precision_context"]
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(choice: Union[str, torch.device, None] = "auto") -> torch.device:
+    """The device to run on.
+
+    Args:
+        choice: ``"auto"`` (or None), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``.
+    Raises:
+        ValueError: the choice is unknown or that device is not available here.
+    """
+    if choice is None or choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"resolve_device(): expected auto, cpu, cuda[:N] or mps, got {choice!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("resolve_device(): CUDA was asked for, but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"resolve_device(): {device} was asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist"
+            )
+    elif device.type == "mps" and not _mps_available():
+        raise ValueError("resolve_device(): MPS was asked for, but Apple MPS is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"resolve_device(): expected auto, cpu, cuda[:N] or mps, got {choice!r}")
+    return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CPU: AVX-512 BF16 or AMX; CUDA: Ampere or newer)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``: ``"auto"`` is fp32 (bf16 is opt-in, it changes results slightly)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"resolve_precision(): precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and not bf16_supported(device):
+        raise ValueError(f"resolve_precision(): bf16 was asked for, but {device} has no native bfloat16 support")
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def precision_context(precision: str, device: torch.device) -> ContextManager:
+    """A context that runs the network at ``precision`` (``"fp32"`` or ``"bf16"``) on ``device``."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,221 @@
+"""Similarity, regularity and the training objective of each phase.
+
+Images are ``(B, 1, *S)`` tensors in tensor axis order; maps are fixed → moving
+in the unit frame (see :mod:`carlreg.maps`). A = moving, B = fixed.
+
+- LNCC(σ): local normalised cross-correlation with a separable Gaussian window
+  (``4σ + 1`` taps, zero 'same' padding); the loss is ``1 − mean(LNCC)``.
+- GradICON: the squared Frobenius norm of the Jacobian of the inverse-consistency
+  error ``e(x) = x − φ_AB(φ_BA(x))`` at jittered grid points, by finite differences.
+- Diffusion: ``N0² Σ_axes mean(forward differences of (id − φ_AB))²``.
+
+Phase 1 (warm-up) minimises ``2·LNCC(A∘φ_AB, B) + λ·diffusion`` in one
+direction; phase 2 minimises ``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A) + λ·GradICON``.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .maps import Map, sample
+from .network.wrappers import RegistrationModule
+
+__all__ = [
+    "LossTerms",
+    "gaussian_blur",
+    "lncc",
+    "lncc_loss",
+    "symmetric_similarity",
+    "gradicon",
+    "gradicon_sparse",
+    "diffusion",
+    "GradICONObjective",
+    "DiffusionObjective",
+    "make_objective",
+]
+
+#: finite-difference step of GradICON, unit frame
+GRADICON_DELTA = 1e-3
+
+
+class LossTerms(NamedTuple):
+    """One evaluation of a training objective: ``total = similarity + λ·regularity``."""
+
+    total: torch.Tensor
+    similarity: torch.Tensor
+    regularity: torch.Tensor
+
+
+def _gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    size = int(4 * sigma + 1)
+    half = (size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=size)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).to(device=device, dtype=dtype)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable normalised Gaussian blur of a ``(B, C, *S)`` tensor, zero 'same' padding."""
+    dimension = image.dim() - 2
+    kernel = _gaussian_kernel1d(sigma, image.dtype, image.device)
+    conv = F.conv2d if dimension == 2 else F.conv3d
+    channels = image.shape[1]
+    out = image
+    for axis in range(dimension):
+        shape = [channels, 1] + [1] * dimension
+        shape[2 + axis] = kernel.numel()
+        out = conv(out, kernel.reshape(1, 1, -1).expand(channels, 1, -1).reshape(shape), padding="same", groups=channels)
+    return out
+
+
+def lncc(image_i: torch.Tensor, image_j: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Local normalised cross-correlation map of two ``(B, C, *S)`` images, same shape."""
+    if image_i.shape != image_j.shape:
+        raise ValueError(
+            f"lncc(): images must have the same shape, got {tuple(image_i.shape)} and {tuple(image_j.shape)}"
+        )
+    blur = lambda t: gaussian_blur(t, sigma)  # noqa: E731
+    mean_i, mean_j = blur(image_i), blur(image_j)
+    covariance = blur(image_i * image_j) - mean_i * mean_j
+    variance_i = torch.relu(blur(image_i * image_i) - mean_i**2) + 1e-5
+    variance_j = torch.relu(blur(image_j * image_j) - mean_j**2) + 1e-5
+    return covariance / torch.sqrt(variance_i * variance_j)
+
+
+def lncc_loss(image_i: torch.Tensor, image_j: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """``1 − mean(LNCC)``: 0 for locally identical images."""
+    return 1 - torch.mean(lncc(image_i, image_j, sigma))
+
+
+def symmetric_similarity(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    fixed_to_moving: torch.Tensor,
+    moving_to_fixed: torch.Tensor,
+    sigma: float = 4.0,
+) -> torch.Tensor:
+    """``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A)`` for maps given on the images' grid."""
+    return lncc_loss(sample(moving, fixed_to_moving), fixed, sigma) + lncc_loss(
+        sample(fixed, moving_to_fixed), moving, sigma
+    )
+
+
+def _grid_noise(identity: torch.Tensor, scale: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    # Drawn on the CPU so that a seed gives the same points on every device.
+    noise = torch.randn(identity.shape, generator=generator, dtype=torch.float32)
+    return noise.to(device=identity.device, dtype=identity.dtype) * scale / identity.shape[-1]
+
+
+def _inverse_consistency_jacobian(phi_ab: Map, phi_ba: Map, points: torch.Tensor) -> torch.Tensor:
+    """``Σ_d mean(((e(x) − e(x + δ e_d)) / δ)²)`` with ``e(x) = x − φ_AB(φ_BA(x))``."""
+    error = points - phi_ab(phi_ba(points))
+    dimension = points.shape[1]
+    total = points.new_zeros(())
+    for axis in range(dimension):
+        step = points.new_zeros((1, dimension) + (1,) * dimension)
+        step[:, axis] = GRADICON_DELTA
+        shifted = points + step
+        error_shifted = shifted - phi_ab(phi_ba(shifted))
+        total = total + torch.mean(((error - error_shifted) / GRADICON_DELTA) ** 2)
+    return total
+
+
+def gradicon(
+    phi_ab: Map, phi_ba: Map, identity: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """GradICON at every grid point jittered by ``N(0, 1) / N_last``."""
+    points = identity + _grid_noise(identity, 1.0, generator)
+    return _inverse_consistency_jacobian(phi_ab, phi_ba, points)
+
+
+def gradicon_sparse(
+    phi_ab: Map, phi_ba: Map, identity: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """GradICON at every second grid point per axis, jittered by ``2 N(0, 1) / N_last``."""
+    points = identity + _grid_noise(identity, 2.0, generator)
+    points = points[(slice(None), slice(None)) + (slice(None, None, 2),) * (identity.dim() - 2)]
+    return _inverse_consistency_jacobian(phi_ab, phi_ba, points)
+
+
+def diffusion(fixed_to_moving: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """``N0² Σ_axes mean(Δu²)``, ``u = id − φ`` on the grid, forward differences."""
+    displacement = identity - fixed_to_moving
+    total = displacement.new_zeros(())
+    for axis in range(2, displacement.dim()):
+        n = displacement.shape[axis]
+        total = total + torch.mean((displacement.narrow(axis, 1, n - 1) - displacement.narrow(axis, 0, n - 1)) ** 2)
+    return total * identity.shape[2] ** 2
+
+
+class GradICONObjective(nn.Module):
+    """Phase 2: ``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A) + λ·GradICON`` (``sparse``: GradICONSparse).
+
+    ``forward(moving, fixed)`` takes ``(B, 1, *input_shape)`` images and returns
+    :class:`LossTerms`. It wraps the network so that data-parallel training can
+    wrap the whole objective.
+    """
+
+    def __init__(
+        self,
+        network: RegistrationModule,
+        lmbda: float = 1.5,
+        sigma: float = 4.0,
+        sparse: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.lmbda = lmbda
+        self.sigma = sigma
+        self.sparse = sparse
+        self.generator = generator
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> LossTerms:
+        identity = self.network.identity_map
+        self.network._check_inputs(moving, fixed)
+        phi_ab = self.network.transform(moving, fixed)
+        phi_ba = self.network.transform(fixed, moving)
+        similarity = symmetric_similarity(
+            moving, fixed, phi_ab.on_grid(identity), phi_ba.on_grid(identity), self.sigma
+        )
+        regularizer = gradicon_sparse if self.sparse else gradicon
+        regularity = regularizer(phi_ab, phi_ba, identity, self.generator)
+        return LossTerms(similarity + self.lmbda * regularity, similarity, regularity)
+
+
+class DiffusionObjective(nn.Module):
+    """Phase 1 (warm-up): ``2·LNCC(A∘φ_AB, B) + λ·diffusion(φ_AB)``, one direction."""
+
+    def __init__(self, network: RegistrationModule, lmbda: float = 1.5, sigma: float = 4.0) -> None:
+        super().__init__()
+        self.network = network
+        self.lmbda = lmbda
+        self.sigma = sigma
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> LossTerms:
+        identity = self.network.identity_map
+        fixed_to_moving = self.network(moving, fixed)
+        similarity = 2 * lncc_loss(sample(moving, fixed_to_moving), fixed, self.sigma)
+        regularity = diffusion(fixed_to_moving, identity)
+        return LossTerms(similarity + self.lmbda * regularity, similarity, regularity)
+
+
+OBJECTIVES = {
+    "gradicon": lambda net, lmbda, sigma: GradICONObjective(net, lmbda, sigma),
+    "gradicon_sparse": lambda net, lmbda, sigma: GradICONObjective(net, lmbda, sigma, sparse=True),
+    "diffusion": lambda net, lmbda, sigma: DiffusionObjective(net, lmbda, sigma),
+}
+
+
+def make_objective(
+    name: str, network: RegistrationModule, lmbda: float = 1.5, sigma: float = 4.0
+) -> nn.Module:
+    """The objective called ``name`` (``gradicon``, ``gradicon_sparse`` or ``diffusion``) around ``network``."""
+    try:
+        factory: Callable = OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"make_objective(): objective must be one of {sorted(OBJECTIVES)}, got {name!r}") from None
+    return factory(network, lmbda, sigma)

@@ -1,0 +1,175 @@
+"""Ξ, CARL's first step: a translation-equivariant feature net and coordinate attention.
+
+For a fixed voxel x the attention returns the expected position, on the moving
+grid, of the moving voxels whose features match x's: the values of the
+attention are the coordinates of the (padded) moving grid, so the output is
+the fixed → moving map itself (paper §4, eqs. 7–10).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..maps import identity_map
+
+__all__ = ["FeatureNet", "AttentionRegistration", "coordinate_attention"]
+
+#: zero padding (voxels per side) around both images before featurising
+PADDING = 9
+#: queries per chunk, and keys per block, of the inference path: a 2048 × 1024
+#: score block (8 MiB in float32) stays in cache; short key blocks also keep the
+#: float32 weighted sums accurate (~1e-7, against ~3e-5 for one long sum)
+QUERY_CHUNK = 2048
+KEY_BLOCK = 1024
+#: bytes of scores one checkpointed query chunk may hold while gradients are enabled
+GRAD_CHUNK_BYTES = 256 * 2**20
+
+
+class FeatureNet(nn.Module):
+    """Translation-equivariant encoder: 'same' 3×3(×3) convolutions, no downsampling.
+
+    ``conv(1→C) + ReLU``, then 3 residual blocks ``x ← BN_i(x); x ← x + conv_d4(relu(conv_d2(relu(conv_d1(x)))))``
+    with dilations 1, 2, 4. Parameter order follows the reference: ``convs.0`` the
+    first conv, ``convs.1–3`` the dilation-1 convs, ``convs.4–6`` dilation 2,
+    ``convs.7–9`` dilation 4.
+
+    Input ``(B, 1, *S)``, output ``(B, C, *S)``.
+    """
+
+    def __init__(self, dimension: int, channels: int = 128) -> None:
+        super().__init__()
+        Conv = nn.Conv2d if dimension == 2 else nn.Conv3d
+        BatchNorm = nn.BatchNorm2d if dimension == 2 else nn.BatchNorm3d
+        self.batchnorms = nn.ModuleList([BatchNorm(channels) for _ in range(3)])
+        convs = [Conv(1, channels, 3, padding="same")]
+        for dilation in (1, 2, 4):
+            convs += [
+                Conv(channels, channels, 3, padding="same", dilation=dilation) for _ in range(3)
+            ]
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.convs[0](image))
+        for block in range(3):
+            x = self.batchnorms[block](x)
+            y = torch.relu(self.convs[1 + block](x))
+            y = torch.relu(self.convs[4 + block](y))
+            x = x + self.convs[7 + block](y)
+        return x
+
+
+def _attend(
+    queries: torch.Tensor, keys_t: torch.Tensor, values1: torch.Tensor, key_block: int
+) -> torch.Tensor:
+    """Softmax attention of one query chunk, looping over blocks of keys.
+
+    Scores are bounded (|q·k| ≤ 16, see ``coordinate_attention``), so ``exp``
+    needs no max subtraction and the blocks' weighted sums simply add up; the
+    last column of ``values1`` is ones and accumulates the softmax denominator.
+    Scores are computed in the dtype of ``queries`` (or autocast's), weighted
+    sums always in float32.
+    """
+    total = None
+    for start in range(0, keys_t.shape[-1], key_block):
+        scores = torch.matmul(queries, keys_t[..., start : start + key_block])
+        if torch.is_grad_enabled():
+            weights = torch.exp(scores)
+        else:
+            weights = scores.exp_()
+        with torch.autocast(weights.device.type, enabled=False):
+            part = torch.matmul(weights.to(values1.dtype), values1[:, start : start + key_block])
+        total = part if total is None else total + part
+    return total[..., :-1] / total[..., -1:]
+
+
+def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Single-head attention with scale 1, computed in blocks.
+
+    The full ``Nq × Nk`` score matrix is never materialised. With gradients
+    enabled each query chunk is checkpointed (recomputed in the backward pass),
+    so training is bounded in memory too. Scores must stay within ±16 (features
+    of norm < 4, as ``AttentionRegistration`` makes them): the softmax is
+    evaluated without max subtraction, which cannot overflow for such scores.
+
+    Args:
+        queries: ``(B, Nq, C)``; keys: ``(B, Nk, C)`` in the same dtype;
+            values: ``(B, Nk, V)`` float32.
+    Returns:
+        ``(B, Nq, V)`` float32: ``softmax(queries · keysᵀ) · values``.
+    """
+    batch, n_queries, n_keys = queries.shape[0], queries.shape[1], keys.shape[1]
+    keys_t = keys.transpose(1, 2)
+    # Centred values halve the rounding of the weighted sums (coordinates span about [-0.2, 1.2]).
+    centre = 0.5
+    values1 = torch.cat([values - centre, torch.ones_like(values[..., :1])], dim=-1)
+    grad = torch.is_grad_enabled()
+    if grad:
+        query_chunk = max(1, GRAD_CHUNK_BYTES // (2 * n_keys * queries.element_size() * batch))
+    else:
+        query_chunk = QUERY_CHUNK
+    outputs = []
+    for start in range(0, n_queries, query_chunk):
+        q = queries[:, start : start + query_chunk]
+        if grad:
+            out = checkpoint(_attend, q, keys_t, values1, KEY_BLOCK, use_reentrant=False)
+        else:
+            out = _attend(q, keys_t, values1, KEY_BLOCK)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1) + centre
+
+
+class AttentionRegistration(nn.Module):
+    """Coordinate attention: predicts the displacement of Ξ on its grid.
+
+    ``forward(moving, fixed)`` with ``(B, 1, *m)`` images returns the
+    ``(B, D, *m)`` displacement, unit frame, fixed → moving. Both images are
+    zero-padded by 9 voxels and featurised; features are normalised per voxel
+    to ``4 f / (‖f‖ + 0.001)``; queries are the fixed features cropped back to
+    ``m``, keys the moving features over the padded grid, values the padded
+    grid's coordinates in the unpadded unit frame, ``(j − 9) / (m − 1)``.
+
+    Under ``torch.autocast`` (the bfloat16 inference mode) the feature net and
+    the scores run in bfloat16; the weighted sums of coordinates stay float32.
+    """
+
+    def __init__(self, net: nn.Module, dimension: int) -> None:
+        super().__init__()
+        if dimension not in (2, 3):
+            raise ValueError(f"AttentionRegistration(): dimension must be 2 or 3, got {dimension}")
+        self.net = net
+        self.dimension = dimension
+        self.padding = PADDING
+
+    def featurize(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *S)`` image → ``(B, C, *(S + 2·9))`` normalised features of the zero-padded image."""
+        padded = F.pad(image, [self.padding] * (2 * self.dimension))
+        features = self.net(padded)
+        norm = torch.sqrt(torch.sum(features**2, dim=1, keepdim=True))
+        return 4 * features / (0.001 + norm)
+
+    def padded_grid_coordinates(self, shape, device) -> torch.Tensor:
+        """``(1, D, *(m + 18))`` coordinates of the padded grid in the unpadded unit frame."""
+        padded_shape = [n + 2 * self.padding for n in shape]
+        scale = torch.tensor(
+            [(p - 1) / (n - 1) for p, n in zip(padded_shape, shape)], dtype=torch.float64
+        )
+        offset = torch.tensor([self.padding / (n - 1) for n in shape], dtype=torch.float64)
+        view = (1, self.dimension) + (1,) * self.dimension
+        coords = identity_map(padded_shape, dtype=torch.float64) * scale.view(view) - offset.view(view)
+        return coords.to(device=device, dtype=torch.float32)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        shape = list(fixed.shape[2:])
+        crop = (slice(None), slice(None)) + (slice(self.padding, -self.padding),) * self.dimension
+        features_moving = self.featurize(moving)
+        features_fixed = self.featurize(fixed)[crop]
+        batch, channels = features_moving.shape[:2]
+        keys = features_moving.reshape(batch, channels, -1).transpose(1, 2)
+        queries = features_fixed.reshape(batch, channels, -1).transpose(1, 2)
+        values = self.padded_grid_coordinates(shape, moving.device).reshape(1, self.dimension, -1)
+        values = values.transpose(1, 2).expand(batch, -1, -1)
+        coords = coordinate_attention(queries, keys, values)
+        coords = coords.transpose(1, 2).reshape(batch, self.dimension, *shape)
+        return coords - identity_map(shape, device=moving.device, dtype=coords.dtype)

@@ -1,0 +1,95 @@
+"""Builders of the CARL networks, state_dict-compatible with the reference at width 1."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence, Tuple
+
+from .attention import AttentionRegistration, FeatureNet
+from .unet import UNet
+from .wrappers import Down, FunctionFromVectorField, RegistrationModule, TwoStep
+
+__all__ = ["CARLConfig", "VARIANTS", "build_carl", "build_from_config"]
+
+#: wirings of the reference (icon_registration.carl): ``make_network_<variant>``
+VARIANTS = ("final_final", "final")
+#: channels of Ξ's feature net at width 1
+FEATURE_CHANNELS = 128
+#: smallest input per axis: Ψ1 runs at half resolution and its U-Net halves 4 more times to ≥ 2 voxels
+MIN_INPUT_SIZE = 33
+
+
+@dataclass(frozen=True)
+class CARLConfig:
+    """Everything needed to rebuild a CARL network: stored beside its weights.
+
+    ``input_shape`` is the spatial shape in tensor order (z, y, x for 3-D).
+    """
+
+    dimension: int
+    input_shape: Tuple[int, ...]
+    variant: str = "final_final"
+    fourth_step: bool = False
+    width: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _xi(dimension: int, width: float) -> FunctionFromVectorField:
+    channels = max(1, round(FEATURE_CHANNELS * width))
+    return FunctionFromVectorField(AttentionRegistration(FeatureNet(dimension, channels), dimension))
+
+
+def _psi(dimension: int, width: float) -> FunctionFromVectorField:
+    return FunctionFromVectorField(UNet(dimension, width))
+
+
+def build_carl(
+    dimension: int,
+    input_shape: Sequence[int],
+    variant: str = "final_final",
+    fourth_step: bool = False,
+    width: float = 1.0,
+) -> RegistrationModule:
+    """Build CARL: Ξ at 1/4 resolution, Ψ1 at 1/2, Ψ2 at full resolution (and Ψ3 at full).
+
+    - ``"final_final"``: ``TwoStep{Down{TwoStep{Down{Ξ}, Ψ1}}, Ψ2}``, the paper's formula.
+    - ``"final"``: ``TwoStep{Down{Down{Ξ}}, TwoStep{Down{Ψ1}, Ψ2}}``.
+    - ``fourth_step``: ``TwoStep{CARL, Ψ3}``, as the paper's evaluated models.
+
+    At ``width=1`` the state_dict keys and shapes equal the reference's
+    ``regis_net`` for the same variant; ``width`` scales every channel count.
+    Calling the result on ``(B, 1, *input_shape)`` moving and fixed images
+    returns the ``(B, D, *input_shape)`` fixed → moving map, unit frame; the
+    network's ``config`` (:class:`CARLConfig`) and ``input_shape`` describe it.
+    """
+    input_shape = tuple(int(n) for n in input_shape)
+    if dimension not in (2, 3):
+        raise ValueError(f"build_carl(): dimension must be 2 or 3, got {dimension}")
+    if len(input_shape) != dimension or min(input_shape) < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"build_carl(): input_shape must be {dimension} sizes of at least {MIN_INPUT_SIZE} voxels, "
+            f"got {list(input_shape)}"
+        )
+    if variant not in VARIANTS:
+        raise ValueError(f"build_carl(): variant must be one of {VARIANTS}, got {variant!r}")
+    if not width > 0:
+        raise ValueError(f"build_carl(): width must be positive, got {width}")
+    if variant == "final_final":
+        net = TwoStep(Down(_xi(dimension, width), dimension), _psi(dimension, width))
+        net = TwoStep(Down(net, dimension), _psi(dimension, width))
+    else:
+        net = TwoStep(
+            Down(Down(_xi(dimension, width), dimension), dimension),
+            TwoStep(Down(_psi(dimension, width), dimension), _psi(dimension, width)),
+        )
+    if fourth_step:
+        net = TwoStep(net, _psi(dimension, width))
+    net.set_input_shape(input_shape)
+    net.config = CARLConfig(dimension, input_shape, variant, bool(fourth_step), float(width))
+    return net
+
+
+def build_from_config(config: CARLConfig) -> RegistrationModule:
+    """``build_carl`` from a stored :class:`CARLConfig`."""
+    return build_carl(config.dimension, config.input_shape, config.variant, config.fourth_step, config.width)

@@ -1,0 +1,117 @@
+"""Registration modules and the wrappers that combine them (ICON's algebra).
+
+A registration module takes a moving image A and a fixed image B, both
+``(B, 1, *S)`` in tensor axis order, and returns ``phi_AB``, the fixed → moving
+map in the unit frame, with ``A ∘ phi_AB ≈ B``:
+
+- ``transform(A, B)`` returns it as a :class:`~carlreg.maps.Map` (a function
+  of coordinates), which is how modules compose;
+- ``forward(A, B)`` (calling the module) returns it evaluated on the module's
+  own grid, a ``(B, D, *S)`` tensor: the documented model interface.
+
+Each module owns its identity grid as a non-persistent buffer (it moves with
+``.to(device)`` and stays out of checkpoints); ``set_input_shape`` assigns it
+down the tree, halving (ceil) below a :class:`Down`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..maps import ComposedMap, DisplacementMap, Map, identity_map, sample
+
+__all__ = ["RegistrationModule", "FunctionFromVectorField", "TwoStep", "Down"]
+
+
+class RegistrationModule(nn.Module):
+    """Base class: ``transform(moving, fixed) -> Map`` (fixed → moving)."""
+
+    identity_map: torch.Tensor
+    #: resolution factor between this module's grid and its children's
+    downscale_factor = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_shape: Tuple[int, ...] = ()
+
+    def set_input_shape(self, input_shape: Sequence[int]) -> None:
+        """Assign the spatial input shape (tensor order) to this module and its children."""
+        self.input_shape = tuple(int(n) for n in input_shape)
+        device = next((b.device for b in self.buffers()), None)
+        self.register_buffer(
+            "identity_map", identity_map(self.input_shape, device=device), persistent=False
+        )
+        child_shape = tuple(math.ceil(n / self.downscale_factor) for n in self.input_shape)
+        for child in self.children():
+            if isinstance(child, RegistrationModule):
+                child.set_input_shape(child_shape)
+
+    def transform(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+        raise NotImplementedError
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``(B, D, *input_shape)`` fixed → moving map, unit frame, on this module's grid."""
+        self._check_inputs(moving, fixed)
+        return self.transform(moving, fixed).on_grid(self.identity_map)
+
+    def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
+        expected = tuple(self.input_shape)
+        for name, image in (("moving", moving), ("fixed", fixed)):
+            if tuple(image.shape[2:]) != expected or image.dim() != len(expected) + 2:
+                raise ValueError(
+                    f"{type(self).__name__}(): {name} image must be (B, C, *{list(expected)}), "
+                    f"got {tuple(image.shape)}"
+                )
+
+
+class FunctionFromVectorField(RegistrationModule):
+    """Wraps a network predicting a ``(B, D, *S)`` displacement (unit frame) as ``x ↦ x + u(x)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def transform(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+        return DisplacementMap(self.net(moving, fixed))
+
+
+class TwoStep(RegistrationModule):
+    """``TwoStep{Φ, Ψ}[A, B] = φ ∘ ψ`` with ``φ = Φ[A, B]`` and ``ψ = Ψ[A ∘ φ, B]``."""
+
+    def __init__(self, netPhi: RegistrationModule, netPsi: RegistrationModule) -> None:
+        super().__init__()
+        self.netPhi = netPhi
+        self.netPsi = netPsi
+
+    def transform(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+        phi = self.netPhi.transform(moving, fixed)
+        moving_warped = sample(moving, phi.on_grid(self.identity_map))
+        psi = self.netPsi.transform(moving_warped, fixed)
+        return ComposedMap(phi, psi)
+
+
+class Down(RegistrationModule):
+    """Runs ``net`` on both images average-pooled by 2 (ceil mode).
+
+    Maps share the unit frame at every level, so no rescaling of the result is needed.
+    """
+
+    downscale_factor = 2
+
+    def __init__(self, net: RegistrationModule, dimension: int) -> None:
+        super().__init__()
+        if dimension not in (2, 3):
+            raise ValueError(f"Down(): dimension must be 2 or 3, got {dimension}")
+        self.net = net
+        self.dimension = dimension
+
+    def _pool(self, image: torch.Tensor) -> torch.Tensor:
+        pool = F.avg_pool2d if self.dimension == 2 else F.avg_pool3d
+        return pool(image, 2, ceil_mode=True)
+
+    def transform(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+        return self.net.transform(self._pool(moving), self._pool(fixed))

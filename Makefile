@@ -1,0 +1,27 @@
+# One entry point per job. `make test` sets up .venv on a fresh machine and runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch that the tests pin (a looser spec pulls a multi-GB CUDA build).
+TORCH_VERSION ?= 2.13.0
+# The reference CARL implementation, used only as a test oracle (installed without its dependencies).
+REFERENCE ?= icon_registration==1.1.9
+
+.PHONY: test bench-forward clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(REFERENCE)
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest Testing
+
+bench-forward: $(VENV)/.installed
+	$(PY) bench/forward.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

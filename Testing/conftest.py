@@ -1,0 +1,33 @@
+"""Shared fixtures: the real images in ../shared/data, and the reference implementation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Two threads, as on the project's machines; results must not depend on it.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_data_path(*parts: str) -> Path:
+    """A file under ../shared/data: skipped when absent (a user's clone), a failure in CI."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        message = f"real test data not found: {path} (../shared/data beside the repository)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The reference CARL package (icon_registration), built on the CPU."""
+    from reference_oracle import load_reference
+
+    return load_reference()
