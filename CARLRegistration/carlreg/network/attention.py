@@ -18,11 +18,11 @@ __all__ = ["FeatureNet", "AttentionRegistration", "coordinate_attention"]
 
 #: zero padding (voxels per side) around both images before featurising
 PADDING = 9
-#: queries per chunk, and keys per block, of the inference path: a 2048 × 1024
-#: score block (8 MiB in float32) stays in cache; short key blocks also keep the
-#: float32 weighted sums accurate (~1e-7, against ~3e-5 for one long sum)
+#: queries per chunk and keys per block: a 2048 × 2048 block of scores (16 MiB in float32)
+#: keeps the matrix products efficient, and short sums keep the float32 weighted sums
+#: accurate (~1e-6, against ~3e-5 for one sum over all keys)
 QUERY_CHUNK = 2048
-KEY_BLOCK = 1024
+KEY_BLOCK = 2048
 #: bytes of scores one checkpointed query chunk may hold while gradients are enabled
 GRAD_CHUNK_BYTES = 256 * 2**20
 
@@ -60,28 +60,39 @@ class FeatureNet(nn.Module):
         return x
 
 
-def _attend(
-    queries: torch.Tensor, keys_t: torch.Tensor, values1: torch.Tensor, key_block: int
-) -> torch.Tensor:
-    """Softmax attention of one query chunk, looping over blocks of keys.
+def _attend(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: torch.Tensor) -> torch.Tensor:
+    """Unnormalised attention of one query chunk, looping over blocks of keys (differentiable).
 
-    Scores are bounded (|q·k| ≤ 16, see ``coordinate_attention``), so ``exp``
-    needs no max subtraction and the blocks' weighted sums simply add up; the
-    last column of ``values1`` is ones and accumulates the softmax denominator.
-    Scores are computed in the dtype of ``queries`` (or autocast's), weighted
-    sums always in float32.
+    ``queries_t`` ``(B, C, q)``, ``keys`` ``(B, Nk, C)``, ``values1_t`` ``(B, V + 1, Nk)``
+    (float32 or wider) whose last row is ones; returns ``(B, V + 1, q)``: ``Σ_k exp(s) v`` and ``Σ_k exp(s)``.
     """
     total = None
-    for start in range(0, keys_t.shape[-1], key_block):
-        scores = torch.matmul(queries, keys_t[..., start : start + key_block])
-        if torch.is_grad_enabled():
-            weights = torch.exp(scores)
-        else:
-            weights = scores.exp_()
-        with torch.autocast(weights.device.type, enabled=False):
-            part = torch.matmul(weights.to(values1.dtype), values1[:, start : start + key_block])
+    for start in range(0, keys.shape[1], KEY_BLOCK):
+        weights = torch.exp(torch.matmul(keys[:, start : start + KEY_BLOCK], queries_t))
+        part = torch.matmul(values1_t[..., start : start + KEY_BLOCK], weights.to(values1_t.dtype))
         total = part if total is None else total + part
-    return total[..., :-1] / total[..., -1:]
+    return total
+
+
+def _attend_in_place(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: torch.Tensor) -> torch.Tensor:
+    """:func:`_attend` without gradients: scores, ``exp`` and sums in reused buffers."""
+    batch, n_keys = keys.shape[0], keys.shape[1]
+    n_queries = queries_t.shape[-1]
+    total = values1_t.new_zeros((batch, values1_t.shape[1], n_queries))
+    scores = keys.new_empty((batch, KEY_BLOCK, n_queries))
+    weights = scores if scores.dtype == values1_t.dtype else values1_t.new_empty(scores.shape)
+    for start in range(0, n_keys, KEY_BLOCK):
+        block = keys[:, start : start + KEY_BLOCK]
+        size = block.shape[1]
+        if size < KEY_BLOCK:  # the last, shorter block: fresh buffers keep `out=` contiguous
+            scores = keys.new_empty((batch, size, n_queries))
+            weights = scores if scores.dtype == values1_t.dtype else values1_t.new_empty(scores.shape)
+        torch.matmul(block, queries_t, out=scores)
+        scores.exp_()
+        if weights is not scores:
+            weights.copy_(scores)
+        torch.baddbmm(total, values1_t[..., start : start + size], weights, out=total)
+    return total
 
 
 def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -91,33 +102,40 @@ def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torc
     enabled each query chunk is checkpointed (recomputed in the backward pass),
     so training is bounded in memory too. Scores must stay within ±16 (features
     of norm < 4, as ``AttentionRegistration`` makes them): the softmax is
-    evaluated without max subtraction, which cannot overflow for such scores.
+    evaluated without max subtraction, which cannot overflow for such scores,
+    and the blocks' weighted sums simply add up. Under ``torch.autocast`` the
+    scores are computed in the autocast dtype (bfloat16), the weighted sums in
+    float32.
 
     Args:
-        queries: ``(B, Nq, C)``; keys: ``(B, Nk, C)`` in the same dtype;
-            values: ``(B, Nk, V)`` float32.
+        queries: ``(B, Nq, C)``; keys: ``(B, Nk, C)``; values: ``(B, Nk, V)``.
     Returns:
-        ``(B, Nq, V)`` float32: ``softmax(queries · keysᵀ) · values``.
+        ``(B, V, Nq)`` in float32 (or the values' dtype if wider): ``softmax(queries · keysᵀ) · values``, transposed.
     """
+    device_type = queries.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else queries.dtype
     batch, n_queries, n_keys = queries.shape[0], queries.shape[1], keys.shape[1]
-    keys_t = keys.transpose(1, 2)
     # Centred values halve the rounding of the weighted sums (coordinates span about [-0.2, 1.2]).
     centre = 0.5
-    values1 = torch.cat([values - centre, torch.ones_like(values[..., :1])], dim=-1)
+    values1_t = torch.cat([values - centre, torch.ones_like(values[..., :1])], dim=-1).transpose(1, 2)
+    values1_t = values1_t.to(torch.promote_types(values.dtype, torch.float32)).contiguous()
     grad = torch.is_grad_enabled()
     if grad:
         query_chunk = max(1, GRAD_CHUNK_BYTES // (2 * n_keys * queries.element_size() * batch))
     else:
         query_chunk = QUERY_CHUNK
-    outputs = []
-    for start in range(0, n_queries, query_chunk):
-        q = queries[:, start : start + query_chunk]
-        if grad:
-            out = checkpoint(_attend, q, keys_t, values1, KEY_BLOCK, use_reentrant=False)
-        else:
-            out = _attend(q, keys_t, values1, KEY_BLOCK)
-        outputs.append(out)
-    return torch.cat(outputs, dim=1) + centre
+    with torch.autocast(device_type, enabled=False):
+        queries_t = queries.to(dtype).transpose(1, 2)
+        keys = keys.to(dtype).contiguous()
+        outputs = []
+        for start in range(0, n_queries, query_chunk):
+            chunk = queries_t[..., start : start + query_chunk].contiguous()
+            if grad:
+                total = checkpoint(_attend, chunk, keys, values1_t, use_reentrant=False)
+            else:
+                total = _attend_in_place(chunk, keys, values1_t)
+            outputs.append(total[:, :-1] / total[:, -1:])
+        return torch.cat(outputs, dim=2) + centre
 
 
 class AttentionRegistration(nn.Module):
@@ -174,6 +192,5 @@ class AttentionRegistration(nn.Module):
         queries = features_fixed.movedim(1, -1).reshape(batch, -1, channels)
         values = self.padded_grid_coordinates(shape, moving.device).reshape(1, self.dimension, -1)
         values = values.transpose(1, 2).expand(batch, -1, -1)
-        coords = coordinate_attention(queries, keys, values)
-        coords = coords.transpose(1, 2).reshape(batch, self.dimension, *shape)
+        coords = coordinate_attention(queries, keys, values).reshape(batch, self.dimension, *shape)
         return coords - identity_map(shape, device=moving.device, dtype=coords.dtype)

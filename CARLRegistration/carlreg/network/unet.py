@@ -75,6 +75,9 @@ class UNet(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         mode = "bilinear" if self.dimension == 2 else "trilinear"
         x = torch.cat([moving, fixed], 1)
+        if self.dimension == 3:
+            # oneDNN's 3-D (transposed) convolutions with few channels run 2-3× faster channels-last
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         skips: List[torch.Tensor] = []
         for depth in range(self.num_layers):
             skips.append(x)
@@ -89,4 +92,4 @@ class UNet(nn.Module):
             skip = skips[depth]
             x = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
             x = torch.cat([x, skip], 1)
-        return self.lastConv(x) / 10
+        return (self.lastConv(x) / 10).contiguous()
