@@ -52,15 +52,16 @@ def identity_map(
     return torch.stack(grids).unsqueeze(0).to(dtype)
 
 
-def sample(values: torch.Tensor, coords_unit: torch.Tensor) -> torch.Tensor:
+def sample(values: torch.Tensor, coords_unit: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Values of an image or field at coordinates.
 
     Args:
         values: ``(B, C, *S)`` image or vector field on a grid of shape ``S``.
         coords_unit: ``(B or 1, D, *T)`` coordinates in ``values``' unit frame,
             channel ``k`` along tensor axis ``k``.
+        mode: ``"bilinear"`` (linear in 2-D and 3-D) or ``"nearest"`` (label maps).
     Returns:
-        ``(B, C, *T)``: linear interpolation, ``align_corners=True``, border padding.
+        ``(B, C, *T)``: interpolated with ``align_corners=True`` and border padding.
     """
     dimension = values.dim() - 2
     if coords_unit.shape[1] != dimension or coords_unit.dim() != values.dim():
@@ -77,7 +78,7 @@ def sample(values: torch.Tensor, coords_unit: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(torch.promote_types(values.dtype, grid.dtype), torch.float32)
     with torch.autocast(values.device.type, enabled=False):
         return F.grid_sample(
-            values.to(dtype), grid.to(dtype), mode="bilinear", padding_mode="border", align_corners=True
+            values.to(dtype), grid.to(dtype), mode=mode, padding_mode="border", align_corners=True
         )
 
 

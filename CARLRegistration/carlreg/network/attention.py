@@ -67,9 +67,10 @@ def _attend(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: torch.Tensor
     (float32 or wider) whose last row is ones; returns ``(B, V + 1, q)``: ``Σ_k exp(s) v`` and ``Σ_k exp(s)``.
     """
     total = None
-    for start in range(0, keys.shape[1], KEY_BLOCK):
-        weights = torch.exp(torch.matmul(keys[:, start : start + KEY_BLOCK], queries_t))
-        part = torch.matmul(values1_t[..., start : start + KEY_BLOCK], weights.to(values1_t.dtype))
+    # split, not slicing: the backward of a slice fills a zero tensor of the whole input per block
+    for block, values_block in zip(keys.split(KEY_BLOCK, dim=1), values1_t.split(KEY_BLOCK, dim=2)):
+        weights = torch.exp(torch.matmul(block, queries_t))
+        part = torch.matmul(values_block, weights.to(values1_t.dtype))
         total = part if total is None else total + part
     return total
 
@@ -114,7 +115,7 @@ def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torc
     """
     device_type = queries.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else queries.dtype
-    batch, n_queries, n_keys = queries.shape[0], queries.shape[1], keys.shape[1]
+    batch, n_keys = queries.shape[0], keys.shape[1]
     # Centred values halve the rounding of the weighted sums (coordinates span about [-0.2, 1.2]).
     centre = 0.5
     values1_t = torch.cat([values - centre, torch.ones_like(values[..., :1])], dim=-1).transpose(1, 2)
@@ -128,8 +129,8 @@ def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torc
         queries_t = queries.to(dtype).transpose(1, 2)
         keys = keys.to(dtype).contiguous()
         outputs = []
-        for start in range(0, n_queries, query_chunk):
-            chunk = queries_t[..., start : start + query_chunk].contiguous()
+        for chunk in queries_t.split(query_chunk, dim=2):
+            chunk = chunk.contiguous()
             if grad:
                 total = checkpoint(_attend, chunk, keys, values1_t, use_reentrant=False)
             else:

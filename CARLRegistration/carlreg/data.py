@@ -1,0 +1,153 @@
+"""Training data: brain label maps turned into random-contrast image pairs (SynthMorph-style).
+
+``synthseg3d``: the 20 whole-head label maps of ``../shared/data/synthseg_label_maps``
+(FreeSurfer labels; brain structures below 100, extra-cerebral structures above 500). Subjects
+01–15 train, 16–18 validate, 19–20 stay untouched until the final evaluation. Each map is
+reoriented to RAS, resampled (nearest) onto a box of the training shape around its centre and
+kept as a label tensor. Every step draws a moving and a fixed subject, translates each
+independently by a random number of voxels, and synthesises an image from each: a random
+intensity per label, a Gaussian blur, a smooth multiplicative bias field and noise, rescaled to
+[0, 1], so that the network does not learn one MR contrast.
+
+All randomness of a step comes from a generator seeded by ``(seed, step)``, so that a run
+resumed from a checkpoint draws exactly the batches the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "SPLITS",
+    "BRAIN_LABEL_LIMIT",
+    "LabelPair",
+    "load_label_map",
+    "synthesize_image",
+    "SynthSegSource",
+]
+
+#: subjects (1-based numbers of training_seg_NN.nii.gz) of each split
+SPLITS: Dict[str, Tuple[int, ...]] = {
+    "train": tuple(range(1, 16)),
+    "validation": (16, 17, 18),
+    "test": (19, 20),
+}
+#: FreeSurfer labels below this are brain structures (Dice is reported over them)
+BRAIN_LABEL_LIMIT = 100
+
+
+class LabelPair(NamedTuple):
+    """A batch of pairs: ``(B, 1, *shape)`` images in [0, 1] and their ``(B, 1, *shape)`` integer labels."""
+
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    moving_labels: torch.Tensor
+    fixed_labels: torch.Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> torch.Tensor:
+    """A label map reoriented to RAS on a centred box of ``shape`` voxels of ``spacing_mm``.
+
+    Returns an int64 ``(*shape)`` tensor in tensor axis order (the SimpleITK array's z, y, x);
+    cached, so it must not be modified.
+    """
+    image = sitk.DICOMOrient(sitk.ReadImage(str(path)), "RAS")
+    image = sitk.Cast(image, sitk.sitkInt32)
+    size_xyz = [int(n) for n in reversed(shape)]
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    extent = direction @ (np.array(size_xyz, dtype=float) - 1) * spacing_mm
+    reference = sitk.Image(size_xyz, sitk.sitkInt32)
+    reference.SetSpacing([spacing_mm] * 3)
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(tuple(np.array(centre) - extent / 2))
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return torch.from_numpy(sitk.GetArrayFromImage(resampled).astype(np.int64))
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = image
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
+    return out
+
+
+def synthesize_image(labels: torch.Tensor, generator: torch.Generator, max_label: int) -> torch.Tensor:
+    """A random-contrast ``(1, 1, *shape)`` image in [0, 1] from an integer label tensor ``(*shape)``."""
+    intensities = torch.rand(max_label + 1, generator=generator)
+    intensities[0] = torch.rand(1, generator=generator) * 0.2
+    image = intensities[labels][None, None].float()
+    image = _gaussian_blur(image, 0.5 + float(torch.rand(1, generator=generator)))
+    coarse = torch.randn((1, 1, 4, 4, 4), generator=generator) * 0.3
+    bias = torch.exp(F.interpolate(coarse, size=labels.shape, mode="trilinear", align_corners=True))
+    image = image * bias
+    image = image + torch.randn(image.shape, generator=generator) * 0.03 * float(torch.rand(1, generator=generator))
+    image = image - image.min()
+    return image / image.max().clamp_min(1e-6)
+
+
+def _translate(labels: torch.Tensor, shift: Sequence[int]) -> torch.Tensor:
+    """Labels moved by whole voxels; what leaves the box is lost, what enters is background."""
+    out = torch.zeros_like(labels)
+    source, target = [], []
+    for n, s in zip(labels.shape, shift):
+        source.append(slice(max(0, -s), n - max(0, s)))
+        target.append(slice(max(0, s), n - max(0, -s)))
+    out[tuple(target)] = labels[tuple(source)]
+    return out
+
+
+class SynthSegSource:
+    """Random-contrast pairs from the SynthSeg label maps of one split.
+
+    Args:
+        folder: ``synthseg_label_maps`` (``training_seg_NN.nii.gz``).
+        split: ``train``, ``validation`` or ``test``.
+        shape: network input shape, tensor order; spacing_mm: its voxel size.
+        max_shift: largest translation, in voxels per axis, applied to each image independently.
+    """
+
+    def __init__(
+        self, folder: Path, split: str, shape: Sequence[int], spacing_mm: float, max_shift: int = 0
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"SynthSegSource(): split must be one of {sorted(SPLITS)}, got {split!r}")
+        self.shape = tuple(int(n) for n in shape)
+        self.max_shift = int(max_shift)
+        self.subjects = SPLITS[split]
+        paths = [Path(folder) / f"training_seg_{number:02d}.nii.gz" for number in self.subjects]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"SynthSegSource(): label maps not found: {', '.join(missing)}")
+        self.labels: List[torch.Tensor] = [load_label_map(p, self.shape, spacing_mm) for p in paths]
+        self.max_label = int(max(int(t.max()) for t in self.labels))
+
+    def _image(self, labels: torch.Tensor, generator: torch.Generator):
+        if self.max_shift:
+            shift = torch.randint(-self.max_shift, self.max_shift + 1, (3,), generator=generator).tolist()
+            labels = _translate(labels, shift)
+        return synthesize_image(labels, generator, self.max_label), labels[None, None]
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> LabelPair:
+        """``batch_size`` pairs of two different subjects, drawn with ``generator``."""
+        parts = []
+        for _ in range(batch_size):
+            first, second = torch.randperm(len(self.labels), generator=generator)[:2].tolist()
+            parts.append(self._image(self.labels[first], generator) + self._image(self.labels[second], generator))
+        moving, moving_labels, fixed, fixed_labels = (torch.cat(t) for t in zip(*parts))
+        return LabelPair(moving, fixed, moving_labels, fixed_labels)

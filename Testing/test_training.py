@@ -1,0 +1,53 @@
+"""Training: the data source, and exact resume after an interruption."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from carlreg.data import SynthSegSource
+from carlreg.train import TrainConfig, load_checkpoint, train
+from conftest import shared_data_path
+
+SHAPE = (40, 40, 40)
+
+
+def _config(folder, output):
+    return TrainConfig(
+        data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, max_shift=3, width=0.125,
+        batch_size=1, diffusion_steps=1, steps=3, checkpoint_every=1, validate_every=0, output=str(output),
+    )
+
+
+def _losses(output):
+    return [json.loads(line)["loss"] for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_synthseg_pairs_are_random_contrast_images_of_two_subjects():
+    folder = shared_data_path("synthseg_label_maps")
+    source = SynthSegSource(folder, "validation", SHAPE, 5.0, max_shift=3)
+    batch = source.batch(2, torch.Generator().manual_seed(0))
+    assert batch.moving.shape == (2, 1) + SHAPE and batch.moving_labels.shape == (2, 1) + SHAPE
+    assert float(batch.moving.min()) == 0.0 and float(batch.moving.max()) == 1.0
+    assert not torch.equal(batch.moving_labels, batch.fixed_labels)
+    again = source.batch(2, torch.Generator().manual_seed(0))
+    assert torch.equal(again.moving, batch.moving)
+    # brain structures (labels below 100) are inside the box
+    assert int(((batch.fixed_labels > 0) & (batch.fixed_labels < 100)).sum()) > 1000
+
+
+def test_resumed_run_continues_exactly(tmp_path):
+    folder = shared_data_path("synthseg_label_maps")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    reports = []
+    train(_config(folder, straight), progress=reports.append)
+    assert [r.step for r in reports] == [1, 2, 3]
+    train(_config(folder, interrupted), max_steps_this_run=2)
+    assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 2
+    train(_config(folder, interrupted))
+    assert _losses(interrupted) == _losses(straight)
+    assert len(set(_losses(straight))) == 3
+    final_straight = torch.load(straight / "model.pt", weights_only=True)
+    final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
+    for name, value in final_straight.items():
+        assert torch.equal(value, final_resumed[name]), name
