@@ -1,4 +1,4 @@
-"""Command line: ``carl-train`` and ``python -m carlreg train``.
+"""Command line: ``carl-register``, ``carl-warp``, ``carl-train`` and ``python -m carlreg <command>``.
 
 Each subcommand calls the public API and turns its progress reports into a bar on a
 terminal (``--progress bar``), JSON lines on stdout (``--progress json``: ``stage``, ``step``,
@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 
 from .progress import Cancelled, Progress
 
-__all__ = ["main", "train_main"]
+__all__ = ["main", "register_main", "warp_main", "train_main"]
 
 
 def progress_printer(kind: str) -> Optional[Callable[[Progress], None]]:
@@ -73,10 +73,98 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _register_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carl-register", description="Register a moving image to a fixed image with CARL.")
+    parser.add_argument("--moving", required=True, help="moving image (file SimpleITK reads, or DICOM folder)")
+    parser.add_argument("--fixed", required=True, help="fixed image")
+    parser.add_argument("--out-transform", required=True, help="fixed → moving transform: .h5/.tfm or a field image .nii.gz/.nrrd/.mha (LPS)")
+    parser.add_argument("--out-warped", help="moving image resampled onto the fixed grid")
+    parser.add_argument("--out-inverse", help="moving → fixed transform (second pass, images swapped)")
+    parser.add_argument("--out-jacobian", help="Jacobian determinant image of the fixed → moving map")
+    parser.add_argument("--moving-labels", help="label map on the moving image, to warp")
+    parser.add_argument("--out-warped-labels", help="where to write the warped moving label map")
+    parser.add_argument("--fixed-labels", help="label map on the fixed image, for Dice")
+    parser.add_argument("--model", required=True, help="shipped model name or weights file")
+    parser.add_argument("--modality", choices=["auto", "ct", "mr", "max"], default="auto")
+    parser.add_argument("--io-steps", type=int, default=0, help="instance-optimization steps (default 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--field-spacing", type=float, help="transform grid spacing in mm (default: the fixed image's)")
+    parser.add_argument("--summary", help="write the metrics as JSON")
+    parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
+    return parser
+
+
+def register_main(argv: Optional[List[str]] = None) -> int:
+    """``carl-register``: exit 0 on success, 2 on bad input (one line on stderr), 130 when cancelled."""
+    from .io import check_outputs, write_image, write_transform
+    from .register import register
+
+    args = _register_parser().parse_args(argv)
+    try:
+        if args.out_warped_labels and not args.moving_labels:
+            raise ValueError("--out-warped-labels needs --moving-labels")
+        inputs = [args.moving, args.fixed, args.moving_labels, args.fixed_labels, args.model]
+        outputs = [args.out_transform, args.out_warped, args.out_inverse, args.out_jacobian, args.out_warped_labels, args.summary]
+        check_outputs(outputs, inputs)
+        result = register(
+            args.moving, args.fixed, args.model, modality=args.modality, io_steps=args.io_steps,
+            device=args.device, inverse=bool(args.out_inverse), progress=progress_printer(args.progress),
+            field_spacing_mm=args.field_spacing, precision=args.precision,
+            moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
+        )
+        write_transform(result.transform, args.out_transform)
+        if args.out_inverse:
+            write_transform(result.inverse_transform, args.out_inverse)
+        if args.out_warped:
+            write_image(result.warped, args.out_warped)
+        if args.out_jacobian:
+            write_image(result.jacobian, args.out_jacobian)
+        if args.out_warped_labels:
+            write_image(result.warped_labels, args.out_warped_labels)
+        if args.summary:
+            from .io import atomic_output
+
+            with atomic_output(args.summary) as temporary:
+                temporary.write_text(json.dumps(result.metrics, indent=2))
+    except Cancelled as err:
+        print(f"carl-register: {err}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"carl-register: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.progress == "json":
+        print(json.dumps({"stage": "done", "metrics": result.metrics}), flush=True)
+    return 0
+
+
+def warp_main(argv: Optional[List[str]] = None) -> int:
+    """``carl-warp --transform T --input I --reference R --out O [--labels]``."""
+    from .io import check_outputs, read_image, read_transform, write_image
+    from .register import warp_image
+
+    parser = argparse.ArgumentParser(prog="carl-warp", description="Apply a saved transform to an image or label map.")
+    parser.add_argument("--transform", required=True, help="fixed → moving transform written by carl-register")
+    parser.add_argument("--input", required=True, help="image or label map in the moving space")
+    parser.add_argument("--reference", required=True, help="image whose grid the output takes (the fixed image)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation, pixel type kept")
+    args = parser.parse_args(argv)
+    try:
+        check_outputs([args.out], [args.transform, args.input, args.reference])
+        transform = read_transform(args.transform)
+        warped = warp_image(read_image(args.input, "input"), read_image(args.reference, "reference"), transform, args.labels)
+        write_image(warped, args.out)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"carl-warp: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m carlreg <subcommand> ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main}
+    commands = {"register": register_main, "warp": warp_main, "train": train_main}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m carlreg {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2

@@ -1,0 +1,164 @@
+"""Between images in physical space and the network's unit frame.
+
+Each image keeps its own geometry: its whole voxel array is resized to the network shape
+(linear, ``align_corners=False``, as the reference does), so network voxel ``j`` of an axis
+covers image voxels around continuous index ``i = (j + 0.5) · N / n − 0.5`` (``N`` image
+voxels, ``n`` network voxels) and sits at unit coordinate ``j / (n − 1)``.
+
+A map ``fixed_to_moving`` (unit frame, on the fixed image's network grid) becomes a dense
+displacement field on the fixed image's own grid (or a coarser grid over the same extent):
+fixed physical point → fixed continuous index → fixed unit coordinate → map → moving unit
+coordinate → moving continuous index → moving physical point; the field is the difference,
+in LPS millimetres, and the transform maps fixed points to moving points (ITK's resampling
+transform, Slicer's "from parent").
+
+Frames are named in the variables: ``_ijk`` continuous voxel index in SimpleITK (x, y, z)
+order, ``_unit`` the network frame in tensor (z, y, x) order, ``_lps`` physical millimetres.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .maps import identity_map, sample
+
+__all__ = [
+    "resize_to_network",
+    "index_to_unit",
+    "unit_to_index",
+    "output_grid",
+    "map_to_displacement_field",
+    "jacobian_determinant",
+]
+
+#: voxels of the output grid processed at once (bounds the temporary memory)
+SLAB_VOXELS = 4_000_000
+
+
+def resize_to_network(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(1, 1, *S)`` image array resized to ``(1, 1, *shape)`` (linear, ``align_corners=False``)."""
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(image, size=list(shape), mode=mode, align_corners=False)
+
+
+def index_to_unit(index: np.ndarray, image_size: int, network_size: int) -> np.ndarray:
+    """Continuous image index along one axis → unit coordinate on the network grid."""
+    return ((index + 0.5) * network_size / image_size - 0.5) / (network_size - 1)
+
+
+def unit_to_index(unit: np.ndarray, image_size: int, network_size: int) -> np.ndarray:
+    """Unit coordinate on the network grid → continuous image index along one axis."""
+    return (unit * (network_size - 1) + 0.5) * image_size / network_size - 0.5
+
+
+def _index_to_lps_matrix(image: sitk.Image) -> np.ndarray:
+    dimension = image.GetDimension()
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+    return direction @ np.diag(image.GetSpacing())
+
+
+def output_grid(fixed: sitk.Image, spacing_mm: Optional[float] = None) -> sitk.Image:
+    """The grid of the displacement field: the fixed image's own, or a coarser one over its extent.
+
+    ``spacing_mm`` (isotropic) must not be finer than the fixed image's spacing.
+    """
+    reference = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(fixed)
+    if spacing_mm is None:
+        return reference
+    if spacing_mm < min(fixed.GetSpacing()) - 1e-9:
+        raise ValueError(
+            f"output_grid(): field spacing must be ≥ the fixed image's spacing {fixed.GetSpacing()}, got {spacing_mm}"
+        )
+    extent = [(n - 1) * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
+    size = [max(2, int(math.floor(e / spacing_mm)) + 1) for e in extent]
+    coarse = sitk.Image(size, sitk.sitkUInt8)
+    coarse.SetOrigin(fixed.GetOrigin())
+    coarse.SetDirection(fixed.GetDirection())
+    coarse.SetSpacing([spacing_mm] * fixed.GetDimension())
+    return coarse
+
+
+def map_to_displacement_field(
+    fixed_to_moving_unit: torch.Tensor,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    grid: Optional[sitk.Image] = None,
+) -> sitk.Image:
+    """The physical displacement field of a network map, on ``grid`` (default: the fixed image's grid).
+
+    Args:
+        fixed_to_moving_unit: ``(1, D, *n)`` map on the fixed image's network grid, unit frame.
+        fixed, moving: the images the network inputs were resized from (their geometry is used).
+        grid: output grid (see :func:`output_grid`), in the fixed image's physical space.
+    Returns:
+        vector float64 image on ``grid``: ``moving point − fixed point``, LPS mm.
+    """
+    grid = output_grid(fixed) if grid is None else grid
+    dimension = fixed.GetDimension()
+    network_shape = list(fixed_to_moving_unit.shape[2:])
+    network_xyz = network_shape[::-1]
+    fixed_size, moving_size = fixed.GetSize(), moving.GetSize()
+    grid_to_lps = _index_to_lps_matrix(grid)
+    lps_to_fixed_ijk = np.linalg.inv(_index_to_lps_matrix(fixed))
+    moving_ijk_to_lps = _index_to_lps_matrix(moving)
+    grid_origin = np.array(grid.GetOrigin())
+    fixed_origin, moving_origin = np.array(fixed.GetOrigin()), np.array(moving.GetOrigin())
+    map64 = fixed_to_moving_unit.detach().to(device="cpu", dtype=torch.float64)
+    # Sample the displacement, not the map: beyond the grid's outer voxel centres (half a network
+    # voxel at each border) the map continues as x + u(border), not as a constant.
+    displacement_unit = map64 - identity_map(network_shape, dtype=torch.float64)
+
+    shape = grid.GetSize()[::-1]  # tensor order
+    slab = max(1, SLAB_VOXELS // int(np.prod(shape[1:])))
+    displacement = np.empty(tuple(shape) + (dimension,), dtype=np.float64)
+    for start in range(0, shape[0], slab):
+        stop = min(shape[0], start + slab)
+        ranges = [np.arange(start, stop, dtype=np.float64)] + [np.arange(n, dtype=np.float64) for n in shape[1:]]
+        index_tensor_order = np.meshgrid(*ranges, indexing="ij")
+        grid_ijk = np.stack([a.ravel() for a in index_tensor_order[::-1]])  # (D, N) in x, y, z order
+        fixed_lps = grid_to_lps @ grid_ijk + grid_origin[:, None]
+        fixed_ijk = lps_to_fixed_ijk @ (fixed_lps - fixed_origin[:, None])
+        unit_xyz = np.stack([index_to_unit(fixed_ijk[a], fixed_size[a], network_xyz[a]) for a in range(dimension)])
+        coords_unit = torch.from_numpy(np.ascontiguousarray(unit_xyz[::-1]))
+        coords_unit = coords_unit.view((1, dimension, -1) + (1,) * (dimension - 1))
+        moving_unit = (coords_unit + sample(displacement_unit, coords_unit)).view(dimension, -1).numpy()[::-1]
+        moving_ijk = np.stack([unit_to_index(moving_unit[a], moving_size[a], network_xyz[a]) for a in range(dimension)])
+        moving_lps = moving_ijk_to_lps @ moving_ijk + moving_origin[:, None]
+        displacement[start:stop] = (moving_lps - fixed_lps).T.reshape((stop - start,) + tuple(shape[1:]) + (dimension,))
+    field = sitk.GetImageFromArray(displacement, isVector=True)
+    field.CopyInformation(grid)
+    return field
+
+
+def jacobian_determinant(field: sitk.Image) -> sitk.Image:
+    """det(∂φ/∂x) of ``x ↦ x + u(x)`` in physical space, on the field's grid (float32 image).
+
+    Central differences along the index axes (one-sided at the border), mapped to physical
+    axes through the grid's spacing and direction. Values ≤ 0 mark folding.
+    """
+    dimension = field.GetDimension()
+    if min(field.GetSize()) < 2:
+        raise ValueError(f"jacobian_determinant(): the field needs ≥ 2 voxels per axis, got {field.GetSize()}")
+    vectors = sitk.GetArrayViewFromImage(field)  # (z, y, x, D): tensor order, LPS vector components
+    index_to_lps = _index_to_lps_matrix(field)
+    lps_per_index = np.linalg.inv(index_to_lps)  # d(index)/d(lps)
+    determinant = np.empty(vectors.shape[:-1], dtype=np.float32)
+    slab = max(1, SLAB_VOXELS // int(np.prod(vectors.shape[1:-1])))
+    n0 = vectors.shape[0]
+    for start in range(0, n0, slab):
+        stop = min(n0, start + slab)
+        lo, hi = max(0, start - 1), min(n0, stop + 1)
+        block = np.asarray(vectors[lo:hi], dtype=np.float64)
+        # derivatives along tensor axes (z, y, x), reversed to SimpleITK index axes (x, y, z)
+        du_dindex = np.stack(np.gradient(block, axis=tuple(range(dimension)))[::-1], axis=-1)
+        jacobian = du_dindex @ lps_per_index + np.eye(dimension)
+        determinant[start:stop] = np.linalg.det(jacobian)[start - lo : start - lo + (stop - start)]
+    result = sitk.GetImageFromArray(determinant)
+    result.CopyInformation(field)
+    return result

@@ -1,0 +1,139 @@
+"""Models by name or file: the registry of shipped models, safe loading, checksums.
+
+A shipped model is ``weights/<name>.pt`` (a state_dict) beside its model card
+``weights/<name>.json``::
+
+    {"name": ..., "file": "<name>.pt", "sha256": ...,
+     "architecture": {"dimension": 3, "input_shape": [z, y, x], "variant": "final_final",
+                      "fourth_step": false, "width": 0.25},
+     "modality": "mr", ...}
+
+``load_model`` also takes the path of such a state_dict (its card beside it), of a training
+checkpoint written by ``carl-train`` (which carries its configuration), or any
+``torch.nn.Module`` with the model interface (see :mod:`carlreg.register`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Union
+
+import torch
+from torch import nn
+
+from .device import resolve_device
+from .network import CARLConfig, build_from_config
+
+__all__ = ["WEIGHTS_DIR", "available_models", "model_card", "load_model", "sha256_of"]
+
+#: shipped models: ``$CARLREG_WEIGHTS`` or the repository's ``weights/`` folder
+WEIGHTS_DIR = Path(os.environ.get("CARLREG_WEIGHTS", Path(__file__).resolve().parents[2] / "weights"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def available_models() -> List[str]:
+    """Names of the shipped models (cards in ``WEIGHTS_DIR`` with their weights file present)."""
+    names = []
+    for card in sorted(WEIGHTS_DIR.glob("*.json")):
+        try:
+            info = json.loads(card.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "architecture" in info and (WEIGHTS_DIR / info.get("file", "")).is_file():
+            names.append(card.stem)
+    return names
+
+
+def model_card(name: str) -> Dict:
+    """The model card of a shipped model."""
+    card = WEIGHTS_DIR / f"{name}.json"
+    if not card.is_file():
+        raise ValueError(f"load_model(): no model named {name!r}; shipped models: {available_models() or 'none'}")
+    return json.loads(card.read_text())
+
+
+def _config_from_architecture(architecture: Dict, source: str) -> CARLConfig:
+    try:
+        return CARLConfig(
+            dimension=int(architecture["dimension"]),
+            input_shape=tuple(int(n) for n in architecture["input_shape"]),
+            variant=str(architecture.get("variant", "final_final")),
+            fourth_step=bool(architecture.get("fourth_step", False)),
+            width=float(architecture.get("width", 1.0)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"load_model(): {source} has no valid architecture (dimension, input_shape, ...): {err}") from err
+
+
+def _build_and_load(config: CARLConfig, state: Dict[str, torch.Tensor], source: str) -> nn.Module:
+    model = build_from_config(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing keys {missing[:3]}{' …' if len(missing) > 3 else ''}")
+        if unexpected:
+            details.append(f"unexpected keys {unexpected[:3]}{' …' if len(unexpected) > 3 else ''}")
+        if wrong:
+            k = wrong[0]
+            details.append(f"shape of {k}: checkpoint {tuple(state[k].shape)}, network {tuple(expected[k].shape)}")
+        raise ValueError(f"load_model(): {source} does not fit a CARL network {config}: " + "; ".join(details))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _load_file(path: Path, expected_sha256: str = "") -> Dict:
+    if expected_sha256 and sha256_of(path) != expected_sha256:
+        raise ValueError(f"load_model(): checksum mismatch for {path}: the file is damaged or not the shipped one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a bad file
+        raise ValueError(f"load_model(): cannot load {path} safely: {str(err).splitlines()[0]}") from err
+
+
+def load_model(name_or_path: Union[str, os.PathLike, nn.Module], device: Union[str, torch.device] = "auto") -> nn.Module:
+    """A model in eval mode on ``device``: a shipped model's name, a weights file, or a module."""
+    device = resolve_device(device)
+    if isinstance(name_or_path, nn.Module):
+        model = name_or_path
+        if not hasattr(model, "input_shape"):
+            raise ValueError("load_model(): a custom module must carry its input_shape (spatial, tensor order)")
+        return model.to(device).eval()
+    text = str(name_or_path)
+    path = Path(text)
+    if not path.exists() and os.sep not in text and not text.endswith((".pt", ".pth")):
+        card = model_card(text)
+        state = _load_file(WEIGHTS_DIR / card["file"], card.get("sha256", ""))
+        config = _config_from_architecture(card["architecture"], f"model card {text}")
+        return _build_and_load(config, state, f"model {text}").to(device).eval()
+    if not path.is_file():
+        raise ValueError(f"load_model(): model file not found: {path}")
+    state = _load_file(path)
+    if isinstance(state, dict) and "model" in state and "config" in state:  # a carl-train checkpoint
+        settings = state["config"]
+        architecture = dict(settings, dimension=len(settings["input_shape"]))
+        config = _config_from_architecture(architecture, str(path))
+        return _build_and_load(config, state["model"], str(path)).to(device).eval()
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        raise ValueError(
+            f"load_model(): {path} is a bare state_dict; put its model card {card_path.name} beside it "
+            "(architecture: dimension, input_shape, variant, fourth_step, width)"
+        )
+    card = json.loads(card_path.read_text())
+    if card.get("sha256") and sha256_of(path) != card["sha256"]:
+        raise ValueError(f"load_model(): checksum mismatch for {path}: the file is damaged or not the one its card describes")
+    config = _config_from_architecture(card.get("architecture", {}), str(card_path))
+    return _build_and_load(config, state, str(path)).to(device).eval()

@@ -1,0 +1,176 @@
+"""The public pipeline: two images in physical space in, an ITK transform and the warped image out.
+
+The model interface (how to plug in your own network): ``model(moving, fixed)``, called with
+``[1, 1, *input_shape]`` float tensors in [0, 1] (tensor axis order, z, y, x in 3-D), returns the
+fixed → moving map in the unit frame, ``[1, D, *input_shape]`` (channel ``k`` is the coordinate
+along tensor axis ``k``, voxel ``i`` at ``i / (N − 1)``), and ``model.input_shape`` gives the
+spatial shape. Networks from :func:`carlreg.build_carl` and the shipped models satisfy it.
+Instance optimization additionally needs the network's ``transform`` method (CARL networks).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from .device import resolve_device
+from .geometry import jacobian_determinant, map_to_displacement_field, output_grid, resize_to_network
+from .inference import predict_maps
+from .io import ImageError, PathLike, image_to_tensor, read_image
+from .losses import lncc
+from .metrics import dice_per_label
+from .models import load_model
+from .optimize import instance_optimize
+from .preprocess import normalize_intensities
+from .progress import CancelCheck, ProgressCallback, StageReporter
+
+__all__ = ["RegistrationResult", "register", "warp_image"]
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` returns.
+
+    - ``transform``: fixed → moving (resampling transform), a displacement field in LPS mm on
+      the fixed grid: ``sitk.Resample(moving, fixed, transform)`` is ``warped``.
+    - ``inverse_transform``: moving → fixed on the moving grid (from the reverse pass), or None.
+    - ``warped``: the moving image on the fixed grid (linear interpolation).
+    - ``jacobian``: determinant of the fixed → moving map's Jacobian, on the field's grid.
+    - ``metrics``: ``lncc_before``, ``lncc_after`` (mean local NCC, 1 = identical),
+      ``folding_percent`` (voxels with determinant ≤ 0), ``seconds``, ``device``, and
+      ``dice_before``/``dice_after`` (mean over labels) when label maps were given.
+    - ``warped_labels``: the moving label map on the fixed grid (nearest neighbour), or None.
+    """
+
+    transform: sitk.DisplacementFieldTransform
+    inverse_transform: Optional[sitk.DisplacementFieldTransform]
+    warped: sitk.Image
+    jacobian: sitk.Image
+    metrics: Dict[str, Union[float, str]] = field(default_factory=dict)
+    warped_labels: Optional[sitk.Image] = None
+    fixed_to_moving_unit: Optional[torch.Tensor] = None
+
+
+def warp_image(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, labels: bool = False) -> sitk.Image:
+    """``image`` resampled onto ``reference``'s grid through ``transform`` (reference → image points).
+
+    Linear for intensities (float32), nearest neighbour for label maps (pixel type and label set kept).
+    """
+    if labels:
+        return sitk.Resample(image, reference, transform, sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+    background = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(image, reference, transform, sitk.sitkLinear, background, sitk.sitkFloat32)
+
+
+def _label_tensor(labels: sitk.Image) -> torch.Tensor:
+    return torch.from_numpy(sitk.GetArrayFromImage(labels).astype("int64"))
+
+
+def _as_image(image: Union[sitk.Image, PathLike], what: str) -> sitk.Image:
+    return image if isinstance(image, sitk.Image) else read_image(image, what)
+
+
+def _network_input(image: sitk.Image, modality: str, shape, device, what: str) -> torch.Tensor:
+    normalized = normalize_intensities(image_to_tensor(image), modality, what)
+    return resize_to_network(normalized, shape).to(device)
+
+
+def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape) -> float:
+    a = resize_to_network(normalize_intensities(image_to_tensor(image), modality, "image"), shape)
+    b = resize_to_network(normalize_intensities(image_to_tensor(fixed), modality, "fixed image"), shape)
+    return float(torch.mean(lncc(a, b)))
+
+
+def register(
+    moving: Union[sitk.Image, PathLike],
+    fixed: Union[sitk.Image, PathLike],
+    model: Union[str, PathLike, nn.Module],
+    modality: str = "auto",
+    io_steps: int = 0,
+    device: Union[str, torch.device] = "auto",
+    inverse: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    should_cancel: Optional[CancelCheck] = None,
+    field_spacing_mm: Optional[float] = None,
+    precision: str = "fp32",
+    moving_labels: Optional[Union[sitk.Image, PathLike]] = None,
+    fixed_labels: Optional[Union[sitk.Image, PathLike]] = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; each keeps its own geometry (no pre-alignment needed).
+
+    Args:
+        moving, fixed: images or paths (anything SimpleITK reads, or a DICOM folder).
+        model: a shipped model's name, a weights file, or a module with the model interface.
+        modality: ``auto``, ``ct``, ``mr`` or ``max`` (see :mod:`carlreg.preprocess`).
+        io_steps: instance-optimization steps (0: none).
+        inverse: also compute the moving → fixed transform.
+        field_spacing_mm: spacing of the transform's grid (default: the fixed image's own).
+        precision: ``fp32`` or ``bf16`` for the network.
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    reporter = StageReporter("loading", 1, progress, should_cancel)
+    moving, fixed = _as_image(moving, "moving image"), _as_image(fixed, "fixed image")
+    network = load_model(model, device)
+    shape = tuple(int(n) for n in network.input_shape)
+    for what, image in (("moving", moving), ("fixed", fixed)):
+        if image.GetDimension() != len(shape):
+            raise ImageError(
+                f"register(): {what} image is {image.GetDimension()}-D, the model registers {len(shape)}-D images"
+            )
+    moving_tensor = _network_input(moving, modality, shape, device, "moving image")
+    fixed_tensor = _network_input(fixed, modality, shape, device, "fixed image")
+    reporter.report(1)
+
+    if io_steps > 0:
+        maps = instance_optimize(
+            network, moving_tensor, fixed_tensor, steps=io_steps, inverse=inverse,
+            progress=progress, should_cancel=should_cancel,
+        )
+    else:
+        reporter = StageReporter("registration", 1, progress, should_cancel)
+        maps = predict_maps(network, moving_tensor, fixed_tensor, inverse=inverse, precision=precision)
+        reporter.report(1)
+
+    reporter = StageReporter("transform", 3 if inverse else 2, progress, should_cancel)
+    grid = output_grid(fixed, field_spacing_mm)
+    field_image = map_to_displacement_field(maps.fixed_to_moving, fixed, moving, grid)
+    jacobian = jacobian_determinant(field_image)
+    transform = sitk.DisplacementFieldTransform(field_image)
+    reporter.report(1)
+    inverse_transform = None
+    if inverse:
+        inverse_field = map_to_displacement_field(maps.moving_to_fixed, moving, fixed)
+        inverse_transform = sitk.DisplacementFieldTransform(inverse_field)
+        reporter.report(2)
+    warped = warp_image(moving, fixed, transform)
+    reporter.report(3 if inverse else 2)
+
+    reporter = StageReporter("metrics", 1, progress, should_cancel)
+    identity = warp_image(moving, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
+    determinant = sitk.GetArrayViewFromImage(jacobian)
+    metrics: Dict[str, Union[float, str]] = {
+        "lncc_before": _mean_lncc(identity, fixed, modality, shape),
+        "lncc_after": _mean_lncc(warped, fixed, modality, shape),
+        "folding_percent": float((determinant <= 0).mean() * 100.0),
+        "device": str(device),
+    }
+    warped_labels = None
+    if moving_labels is not None:
+        moving_labels = _as_image(moving_labels, "moving label map")
+        warped_labels = warp_image(moving_labels, fixed, transform, labels=True)
+        if fixed_labels is not None:
+            fixed_labels_array = _label_tensor(_as_image(fixed_labels, "fixed label map"))
+            before = warp_image(moving_labels, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity), labels=True)
+            for key, labels_image in (("dice_before", before), ("dice_after", warped_labels)):
+                scores = dice_per_label(_label_tensor(labels_image), fixed_labels_array)
+                metrics[key] = sum(scores.values()) / len(scores) if scores else float("nan")
+    metrics["seconds"] = time.perf_counter() - started
+    reporter.report(1)
+    return RegistrationResult(
+        transform, inverse_transform, warped, jacobian, metrics, warped_labels, maps.fixed_to_moving.cpu()
+    )

@@ -1,0 +1,269 @@
+"""Registration in physical space, checked with a model whose map is known analytically.
+
+The fixed and moving images are the real CT of ../shared/data re-gridded onto awkward grids
+(oblique directions, anisotropic spacing, non-zero origins, different sizes and fields of
+view). The test model returns, on the fixed image's network grid, the map of a known physical
+mapping T (a 25 mm translation plus a smooth deformation), computed here independently of the
+engine's geometry code: with SimpleITK's index ↔ point conversions and the linear-resize
+relation ``i = (j + 0.5) N / n − 0.5``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from carlreg.io import read_transform, write_transform
+from carlreg.register import register
+from conftest import shared_data_path
+
+NETWORK_SHAPE = (40, 44, 48)
+TRANSLATION = np.array([25.0, 0.0, 0.0])
+
+
+def physical_map(points: np.ndarray) -> np.ndarray:
+    """T: fixed LPS points (N, 3) → moving LPS points: a 25 mm shift plus a smooth deformation."""
+    x, y, z = points.T
+    return points + TRANSLATION + np.stack(
+        [3.0 * np.sin(2 * np.pi * y / 180.0), 2.0 * np.cos(2 * np.pi * z / 150.0), 2.5 * np.sin(2 * np.pi * x / 200.0)], 1
+    )
+
+
+def physical_map_inverse(points: np.ndarray) -> np.ndarray:
+    estimate = points - TRANSLATION
+    for _ in range(60):  # fixed-point iteration; the deformation is a contraction
+        estimate = estimate + (points - physical_map(estimate))
+    return estimate
+
+
+def rotation(angles_deg):
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def regrid(image: sitk.Image, size, spacing, angles_deg, centre_offset) -> sitk.Image:
+    """``image`` resampled onto a grid of ``size`` voxels around its centre (+ offset), rotated."""
+    direction = rotation(angles_deg)
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    centre = centre + np.array(centre_offset)
+    half_extent = direction @ ((np.array(size) - 1) * np.array(spacing) / 2)
+    reference = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+    reference.SetSpacing(spacing)
+    reference.SetDirection(direction.flatten().tolist())
+    reference.SetOrigin((centre - half_extent).tolist())
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+
+
+def image_points(image: sitk.Image, index_ijk: np.ndarray) -> np.ndarray:
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in index_ijk])
+
+
+class KnownMapModel(nn.Module):
+    """The model interface with a known answer: the map of T (or of T⁻¹ for the swapped pair)."""
+
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image):
+        super().__init__()
+        self.input_shape = NETWORK_SHAPE
+        self.fixed, self.moving = fixed, moving
+        self.calls = []
+
+    def _unit_map(self, source: sitk.Image, target: sitk.Image, mapping) -> torch.Tensor:
+        n_xyz = np.array(NETWORK_SHAPE[::-1], dtype=float)
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in NETWORK_SHAPE], indexing="ij"), -1).reshape(-1, 3)
+        network_xyz = grid[:, ::-1].astype(float)
+        source_ijk = (network_xyz + 0.5) * np.array(source.GetSize()) / n_xyz - 0.5
+        target_points = mapping(image_points(source, source_ijk))
+        target_ijk = np.array([target.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in target_points])
+        target_network = (target_ijk + 0.5) * n_xyz / np.array(target.GetSize()) - 0.5
+        unit_zyx = (target_network / (n_xyz - 1))[:, ::-1]
+        return torch.from_numpy(unit_zyx.T.reshape((1, 3) + NETWORK_SHAPE).astype(np.float32))
+
+    def forward(self, moving, fixed):
+        swapped = len(self.calls) % 2 == 1  # register() calls (moving, fixed), then (fixed, moving)
+        self.calls.append(swapped)
+        if swapped:
+            return self._unit_map(self.moving, self.fixed, physical_map_inverse)
+        return self._unit_map(self.fixed, self.moving, physical_map)
+
+
+@pytest.fixture(scope="module")
+def awkward_pair():
+    ct = sitk.ReadImage(str(shared_data_path("totalsegmentator_examples", "example_ct.nii.gz")), sitk.sitkFloat32)
+    fixed = regrid(ct, (96, 80, 60), (3.1, 3.4, 4.2), (12, -8, 25), (0, 0, 0))
+    moving = regrid(ct, (84, 92, 70), (3.6, 2.9, 3.3), (-5, 10, -15), (25, 10, -5))
+    return fixed, moving
+
+
+@pytest.fixture(scope="module")
+def known_result(awkward_pair):
+    fixed, moving = awkward_pair
+    model = KnownMapModel(fixed, moving)
+    result = register(moving, fixed, model, modality="ct", device="cpu", inverse=True)
+    assert model.calls == [False, True]
+    return result
+
+
+def interior_indices(image: sitk.Image, count: int, margin: int = 4, seed: int = 0) -> np.ndarray:
+    generator = np.random.default_rng(seed)
+    size = np.array(image.GetSize())
+    return generator.uniform(margin, size - 1 - margin, size=(count, 3))
+
+
+def test_transform_equals_the_analytic_mapping(awkward_pair, known_result):
+    fixed, _ = awkward_pair
+    points = image_points(fixed, interior_indices(fixed, 1500))
+    expected = physical_map(points)
+    mapped = np.array([known_result.transform.TransformPoint(p.tolist()) for p in points])
+    error_in_voxels = np.linalg.norm(mapped - expected, axis=1) / min(fixed.GetSpacing())
+    assert error_in_voxels.max() <= 0.25, error_in_voxels.max()
+    # the 25 mm shift is really there (the check is not vacuous)
+    assert np.abs(np.median(mapped - points, axis=0)[0] - 25.0) < 3.0
+
+
+def test_inverse_composed_with_forward_is_identity(awkward_pair, known_result):
+    fixed, moving = awkward_pair
+    points = image_points(fixed, interior_indices(fixed, 1500, margin=8))
+    forward = np.array([known_result.transform.TransformPoint(p.tolist()) for p in points])
+    inside = np.array([np.all((np.array(moving.TransformPhysicalPointToContinuousIndex(q.tolist())) > 2)
+                              & (np.array(moving.TransformPhysicalPointToContinuousIndex(q.tolist())) < np.array(moving.GetSize()) - 3))
+                       for q in forward])
+    assert inside.mean() > 0.3
+    back = np.array([known_result.inverse_transform.TransformPoint(q.tolist()) for q in forward[inside]])
+    error_in_voxels = np.linalg.norm(back - points[inside], axis=1) / min(fixed.GetSpacing())
+    assert error_in_voxels.max() <= 0.5, error_in_voxels.max()
+
+
+def test_itk_reads_our_transform_files_and_agrees(tmp_path, awkward_pair, known_result):
+    fixed, moving = awkward_pair
+    h5, nifti, nrrd = tmp_path / "t.h5", tmp_path / "t.nii.gz", tmp_path / "t.nrrd"
+    for path in (h5, nifti, nrrd):
+        write_transform(known_result.transform, path)
+    from_h5 = sitk.ReadTransform(str(h5))
+    resampled = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, from_h5, sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
+    ours = sitk.GetArrayFromImage(known_result.warped)
+    nrms = np.sqrt(np.mean((resampled - ours) ** 2)) / (ours.max() - ours.min())
+    assert nrms <= 0.01
+    points = image_points(fixed, interior_indices(fixed, 200, seed=1))
+    for path in (nifti, nrrd):
+        other = read_transform(path)
+        for p in points:
+            assert np.allclose(other.TransformPoint(p.tolist()), from_h5.TransformPoint(p.tolist()), atol=1e-4)
+
+
+def test_metrics_are_reported(known_result):
+    metrics = known_result.metrics
+    assert metrics["folding_percent"] == 0.0
+    assert -1.0 <= metrics["lncc_before"] <= 1.0 and -1.0 <= metrics["lncc_after"] <= 1.0
+    assert metrics["device"] == "cpu" and metrics["seconds"] > 0
+    determinant = sitk.GetArrayFromImage(known_result.jacobian)
+    assert 0.8 < float(np.median(determinant)) < 1.2
+
+
+class IdentityModel(nn.Module):
+    input_shape = (40, 40, 40)
+
+    def forward(self, moving, fixed):
+        from carlreg.maps import identity_map
+
+        return identity_map(self.input_shape).expand(moving.shape[0], -1, -1, -1, -1)
+
+
+def test_identity_warps_a_label_map_onto_itself(tmp_path):
+    image = sitk.ReadImage(str(shared_data_path("totalsegmentator_examples", "example_ct.nii.gz")))
+    labels = sitk.ReadImage(str(shared_data_path("totalsegmentator_examples", "example_ct_seg_total_v1.nii.gz")))
+    result = register(image, image, IdentityModel(), modality="ct", device="cpu", moving_labels=labels, fixed_labels=labels)
+    warped = result.warped_labels
+    assert warped.GetPixelID() == labels.GetPixelID()
+    assert set(np.unique(sitk.GetArrayViewFromImage(warped))) == set(np.unique(sitk.GetArrayViewFromImage(labels)))
+    assert result.metrics["dice_after"] == 1.0
+    assert np.abs(sitk.GetArrayViewFromImage(result.transform.GetDisplacementField())).max() < 1e-3  # mm; float32 maps
+
+
+def _write(image: sitk.Image, path):
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "carlreg", "register", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def identity_checkpoint(tmp_path_factory):
+    """A tiny CARL network saved with its model card: a model file the command line can load."""
+    from carlreg import build_carl
+
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = build_carl(3, (40, 40, 40), width=0.125)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    card = {"architecture": {"dimension": 3, "input_shape": [40, 40, 40], "width": 0.125}}
+    (folder / "tiny.json").write_text(json.dumps(card))
+    return folder / "tiny.pt"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("4d", "must be 2-D or 3-D, got 4-D"),
+        ("vector", "must be a scalar image, got 3 components"),
+        ("zeros", "is constant (0 everywhere)"),
+        ("nan", "has NaN or infinite values"),
+        ("missing", "moving image not found"),
+        ("2d", "moving image is 2-D, the model registers 3-D images"),
+        ("unwritable", "output folder does not exist"),
+        ("overwrite", "is also an input: refusing to overwrite it"),
+    ],
+)
+def test_bad_input_gives_one_line_and_no_output(tmp_path, identity_checkpoint, case, message):
+    good = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32))
+    fixed = _write(good, tmp_path / "fixed.nii.gz")
+    moving = {
+        "4d": lambda: _write(sitk.GetImageFromArray(np.ones((2, 5, 6, 7), np.float32), isVector=False), tmp_path / "m.nii.gz"),
+        "vector": lambda: _write(sitk.GetImageFromArray(np.ones((5, 6, 7, 3), np.float32), isVector=True), tmp_path / "m.nii.gz"),
+        "zeros": lambda: _write(sitk.GetImageFromArray(np.zeros((40, 40, 40), np.float32)), tmp_path / "m.nii.gz"),
+        "nan": lambda: _write(sitk.GetImageFromArray(np.full((40, 40, 40), np.nan, np.float32)), tmp_path / "m.mha"),
+        "missing": lambda: str(tmp_path / "absent.nii.gz"),
+        "2d": lambda: _write(sitk.GetImageFromArray(np.random.default_rng(1).random((40, 40)).astype(np.float32)), tmp_path / "m.nii.gz"),
+    }.get(case, lambda: _write(good, tmp_path / "m.nii.gz"))()
+    out = tmp_path / "out" / "t.h5" if case == "unwritable" else tmp_path / "t.h5"
+    warped = fixed if case == "overwrite" else tmp_path / "w.nii.gz"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    completed = _run_cli("--moving", moving, "--fixed", fixed, "--model", identity_checkpoint,
+                         "--out-transform", out, "--out-warped", warped, "--progress", "none")
+    assert completed.returncode != 0
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], completed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_command_line_end_to_end_on_the_monai_pair(tmp_path, identity_checkpoint):
+    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+    outputs = {name: tmp_path / name for name in ("t.h5", "w.nii.gz", "inv.nrrd", "jac.nii.gz", "wl.nii.gz", "s.json")}
+    completed = _run_cli(
+        "--moving", folder / "reoriented_anat_moved.nii", "--fixed", folder / "anatomical.nii",
+        "--moving-labels", folder / "reoriented_anat_moved_label.nii.gz", "--fixed-labels", folder / "anatomical_label.nii.gz",
+        "--model", identity_checkpoint, "--out-transform", outputs["t.h5"], "--out-warped", outputs["w.nii.gz"],
+        "--out-inverse", outputs["inv.nrrd"], "--out-jacobian", outputs["jac.nii.gz"],
+        "--out-warped-labels", outputs["wl.nii.gz"], "--summary", outputs["s.json"], "--progress", "json",
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert all(path.is_file() for path in outputs.values())
+    summary = json.loads(outputs["s.json"].read_text())
+    assert {"lncc_before", "lncc_after", "folding_percent", "dice_before", "dice_after", "seconds"} <= set(summary)
+    events = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert {"stage", "step", "total", "fraction", "eta_s", "message"} <= set(events[0])
+    assert events[-1]["stage"] == "done"
+    fixed = sitk.ReadImage(str(folder / "anatomical.nii"))
+    warped = sitk.ReadImage(str(outputs["w.nii.gz"]))
+    assert warped.GetSize() == fixed.GetSize() and np.allclose(warped.GetDirection(), fixed.GetDirection())
+    assert not list(tmp_path.glob(".*partial*"))
