@@ -248,13 +248,14 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, identity_checkpoint, c
 
 def test_command_line_end_to_end_on_the_monai_pair(tmp_path, identity_checkpoint):
     folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
-    outputs = {name: tmp_path / name for name in ("t.h5", "w.nii.gz", "inv.nrrd", "jac.nii.gz", "wl.nii.gz", "s.json")}
+    outputs = {name: tmp_path / name for name in ("t.h5", "w.nii.gz", "inv.nrrd", "jac.nii.gz", "wl.nii.gz", "s.json", "r.png")}
     completed = _run_cli(
         "--moving", folder / "reoriented_anat_moved.nii", "--fixed", folder / "anatomical.nii",
         "--moving-labels", folder / "reoriented_anat_moved_label.nii.gz", "--fixed-labels", folder / "anatomical_label.nii.gz",
         "--model", identity_checkpoint, "--out-transform", outputs["t.h5"], "--out-warped", outputs["w.nii.gz"],
         "--out-inverse", outputs["inv.nrrd"], "--out-jacobian", outputs["jac.nii.gz"],
-        "--out-warped-labels", outputs["wl.nii.gz"], "--summary", outputs["s.json"], "--progress", "json",
+        "--out-warped-labels", outputs["wl.nii.gz"], "--summary", outputs["s.json"], "--report", outputs["r.png"],
+        "--progress", "json",
     )
     assert completed.returncode == 0, completed.stderr
     assert all(path.is_file() for path in outputs.values())

@@ -91,24 +91,29 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--field-spacing", type=float, help="transform grid spacing in mm (default: the fixed image's)")
     parser.add_argument("--summary", help="write the metrics as JSON")
+    parser.add_argument("--report", help="write a report PNG (needs matplotlib)")
     parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
     return parser
 
 
 def register_main(argv: Optional[List[str]] = None) -> int:
     """``carl-register``: exit 0 on success, 2 on bad input (one line on stderr), 130 when cancelled."""
-    from .io import check_outputs, write_image, write_transform
-    from .register import register
+    import SimpleITK as sitk
+
+    from .io import atomic_output, check_outputs, read_image, write_image, write_transform
+    from .register import register, warp_image
 
     args = _register_parser().parse_args(argv)
     try:
         if args.out_warped_labels and not args.moving_labels:
             raise ValueError("--out-warped-labels needs --moving-labels")
         inputs = [args.moving, args.fixed, args.moving_labels, args.fixed_labels, args.model]
-        outputs = [args.out_transform, args.out_warped, args.out_inverse, args.out_jacobian, args.out_warped_labels, args.summary]
+        outputs = [args.out_transform, args.out_warped, args.out_inverse, args.out_jacobian,
+                   args.out_warped_labels, args.summary, args.report]
         check_outputs(outputs, inputs)
+        moving, fixed = read_image(args.moving, "moving image"), read_image(args.fixed, "fixed image")
         result = register(
-            args.moving, args.fixed, args.model, modality=args.modality, io_steps=args.io_steps,
+            moving, fixed, args.model, modality=args.modality, io_steps=args.io_steps,
             device=args.device, inverse=bool(args.out_inverse), progress=progress_printer(args.progress),
             field_spacing_mm=args.field_spacing, precision=args.precision,
             moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
@@ -123,10 +128,16 @@ def register_main(argv: Optional[List[str]] = None) -> int:
         if args.out_warped_labels:
             write_image(result.warped_labels, args.out_warped_labels)
         if args.summary:
-            from .io import atomic_output
-
             with atomic_output(args.summary) as temporary:
                 temporary.write_text(json.dumps(result.metrics, indent=2))
+        if args.report:
+            from .report import write_report
+
+            identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
+            write_report(
+                args.report, fixed, warp_image(moving, fixed, identity), result.warped,
+                result.transform.GetDisplacementField(), result.jacobian, result.metrics,
+            )
     except Cancelled as err:
         print(f"carl-register: {err}", file=sys.stderr)
         return 130

@@ -23,6 +23,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .geometry import canonical_orientation
+
 __all__ = [
     "SPLITS",
     "BRAIN_LABEL_LIMIT",
@@ -58,7 +60,7 @@ def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> tor
     Returns an int64 ``(*shape)`` tensor in tensor axis order (the SimpleITK array's z, y, x);
     cached, so it must not be modified.
     """
-    image = sitk.DICOMOrient(sitk.ReadImage(str(path)), "RAS")
+    image = canonical_orientation(sitk.ReadImage(str(path)))
     image = sitk.Cast(image, sitk.sitkInt32)
     size_xyz = [int(n) for n in reversed(shape)]
     centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])

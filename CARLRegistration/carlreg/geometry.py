@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from .maps import identity_map, sample
 
 __all__ = [
+    "CANONICAL_ORIENTATION",
+    "canonical_orientation",
     "resize_to_network",
     "index_to_unit",
     "unit_to_index",
@@ -38,6 +40,22 @@ __all__ = [
 
 #: voxels of the output grid processed at once (bounds the temporary memory)
 SLAB_VOXELS = 4_000_000
+
+
+#: orientation of the arrays the networks see (training reorients its data the same way)
+CANONICAL_ORIENTATION = "RAS"
+
+
+def canonical_orientation(image: sitk.Image) -> sitk.Image:
+    """The same image with its voxel axes permuted and flipped to the closest RAS orientation.
+
+    Exact (no interpolation) and physically identical; 2-D images are returned unchanged.
+    Without this, two scans stored with different axis orders or flips would look rotated or
+    mirrored to the network, which is equivariant to translations only.
+    """
+    if image.GetDimension() != 3:
+        return image
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
 
 
 def resize_to_network(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

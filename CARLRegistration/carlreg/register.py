@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .device import resolve_device
-from .geometry import jacobian_determinant, map_to_displacement_field, output_grid, resize_to_network
+from .geometry import canonical_orientation, jacobian_determinant, map_to_displacement_field, output_grid, resize_to_network
 from .inference import predict_maps
 from .io import ImageError, PathLike, image_to_tensor, read_image
 from .losses import lncc
@@ -102,6 +102,10 @@ def register(
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; each keeps its own geometry (no pre-alignment needed).
 
+    Each image is reoriented (axes permuted and flipped, exactly) to RAS, its whole array is
+    resized to the network's input shape, and the network's map is turned into a physical
+    displacement field on the fixed image's own grid.
+
     Args:
         moving, fixed: images or paths (anything SimpleITK reads, or a DICOM folder).
         model: a shipped model's name, a weights file, or a module with the model interface.
@@ -122,8 +126,9 @@ def register(
             raise ImageError(
                 f"register(): {what} image is {image.GetDimension()}-D, the model registers {len(shape)}-D images"
             )
-    moving_tensor = _network_input(moving, modality, shape, device, "moving image")
-    fixed_tensor = _network_input(fixed, modality, shape, device, "fixed image")
+    moving_oriented, fixed_oriented = canonical_orientation(moving), canonical_orientation(fixed)
+    moving_tensor = _network_input(moving_oriented, modality, shape, device, "moving image")
+    fixed_tensor = _network_input(fixed_oriented, modality, shape, device, "fixed image")
     reporter.report(1)
 
     if io_steps > 0:
@@ -138,13 +143,13 @@ def register(
 
     reporter = StageReporter("transform", 3 if inverse else 2, progress, should_cancel)
     grid = output_grid(fixed, field_spacing_mm)
-    field_image = map_to_displacement_field(maps.fixed_to_moving, fixed, moving, grid)
+    field_image = map_to_displacement_field(maps.fixed_to_moving, fixed_oriented, moving_oriented, grid)
     jacobian = jacobian_determinant(field_image)
     transform = sitk.DisplacementFieldTransform(field_image)
     reporter.report(1)
     inverse_transform = None
     if inverse:
-        inverse_field = map_to_displacement_field(maps.moving_to_fixed, moving, fixed)
+        inverse_field = map_to_displacement_field(maps.moving_to_fixed, moving_oriented, fixed_oriented, output_grid(moving))
         inverse_transform = sitk.DisplacementFieldTransform(inverse_field)
         reporter.report(2)
     warped = warp_image(moving, fixed, transform)
