@@ -5,7 +5,7 @@ The fixed and moving images are the real CT of ../shared/data re-gridded onto aw
 view). The test model returns, on the fixed image's network grid, the map of a known physical
 mapping T (a 25 mm translation plus a smooth deformation), computed here independently of the
 engine's geometry code: with SimpleITK's index ↔ point conversions and the linear-resize
-relation ``i = (j + 0.5) N / n − 0.5``.
+relation ``i = (j + 0.5) N / n − 0.5`` on the images reoriented to RAS.
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ class KnownMapModel(nn.Module):
     def __init__(self, fixed: sitk.Image, moving: sitk.Image):
         super().__init__()
         self.input_shape = NETWORK_SHAPE
-        self.fixed, self.moving = fixed, moving
+        # the network sees each image's voxels reoriented to the closest RAS axes
+        self.fixed, self.moving = sitk.DICOMOrient(fixed, "RAS"), sitk.DICOMOrient(moving, "RAS")
         self.calls = []
 
     def _unit_map(self, source: sitk.Image, target: sitk.Image, mapping) -> torch.Tensor:

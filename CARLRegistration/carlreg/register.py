@@ -1,7 +1,9 @@
 """The public pipeline: two images in physical space in, an ITK transform and the warped image out.
 
 The model interface (how to plug in your own network): ``model(moving, fixed)``, called with
-``[1, 1, *input_shape]`` float tensors in [0, 1] (tensor axis order, z, y, x in 3-D), returns the
+``[1, 1, *input_shape]`` float tensors in [0, 1] (tensor axis order, z, y, x in 3-D; each 3-D
+image's voxel axes reoriented to the closest RAS orientation, then its whole array resized
+linearly to ``input_shape``), returns the
 fixed → moving map in the unit frame, ``[1, D, *input_shape]`` (channel ``k`` is the coordinate
 along tensor axis ``k``, voxel ``i`` at ``i / (N − 1)``), and ``model.input_shape`` gives the
 spatial shape. Networks from :func:`carlreg.build_carl` and the shipped models satisfy it.
