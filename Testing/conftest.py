@@ -25,6 +25,17 @@ def shared_data_path(*parts: str) -> Path:
     return path
 
 
+def require_module(name: str):
+    """An optional test dependency (installed by `make test`): skipped when absent, a failure in CI."""
+    try:
+        return __import__(name)
+    except ImportError as err:
+        message = f"{name} is not installed ({err}); `make test` installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def reference():
     """The reference CARL package (icon_registration), built on the CPU."""
