@@ -288,3 +288,32 @@ def test_ants_applies_our_displacement_field_and_agrees(tmp_path, awkward_pair, 
     ours = sitk.GetArrayFromImage(known_result.warped)
     nrms = np.sqrt(np.mean((ants_array - ours) ** 2)) / (ours.max() - ours.min())
     assert nrms <= 0.01, nrms
+
+
+def test_landmark_error_of_a_known_shift_in_three_file_formats(tmp_path):
+    """The MNI template and a copy moved 25 mm: the identity network map is exactly that shift."""
+    from carlreg.landmarks import read_landmarks
+
+    fixed = sitk.ReadImage(str(shared_data_path("brain_templates", "antspy", "mni.nii.gz")), sitk.sitkFloat32)
+    fixed_landmarks = shared_data_path("brain_templates", "afids", "tpl-MNI152NLin6Asym_afids.fcsv")
+    moving = sitk.Image(fixed)
+    shift_lps = np.array([25.0, -10.0, 5.0])
+    moving.SetOrigin((np.array(fixed.GetOrigin()) + shift_lps).tolist())
+    landmarks = read_landmarks(fixed_landmarks)
+    assert len(landmarks.labels) == 32
+    moved = landmarks.points_lps + shift_lps
+    # the moving landmarks as Slicer .mrk.json in RAS, and as CSV in LPS
+    mrk = {"markups": [{"coordinateSystem": "RAS", "controlPoints": [
+        {"label": label, "position": (p * [-1, -1, 1]).tolist()} for label, p in zip(landmarks.labels, moved)]}]}
+    (tmp_path / "moving.mrk.json").write_text(json.dumps(mrk))
+    (tmp_path / "moving.csv").write_text("label,x,y,z\n" + "".join(
+        f"{label},{p[0]},{p[1]},{p[2]}\n" for label, p in zip(landmarks.labels, moved)))
+    for moving_landmarks, system in ((tmp_path / "moving.mrk.json", None), (tmp_path / "moving.csv", "LPS")):
+        result = register(moving, fixed, IdentityModel(), modality="mr", device="cpu",
+                          fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks,
+                          landmarks_coordinate_system=system, field_spacing_mm=4.0)
+        assert result.metrics["landmarks"] == 32
+        assert result.metrics["tre_before_mean_mm"] == pytest.approx(np.linalg.norm(shift_lps), abs=1e-6)
+        assert result.metrics["tre_after_max_mm"] < 0.01
+    with pytest.raises(ValueError, match="state its coordinate system"):
+        read_landmarks(tmp_path / "moving.csv")

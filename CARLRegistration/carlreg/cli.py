@@ -84,6 +84,9 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--moving-labels", help="label map on the moving image, to warp")
     parser.add_argument("--out-warped-labels", help="where to write the warped moving label map")
     parser.add_argument("--fixed-labels", help="label map on the fixed image, for Dice")
+    parser.add_argument("--fixed-landmarks", help="landmarks on the fixed image (.fcsv, .mrk.json, .csv), for the TRE")
+    parser.add_argument("--moving-landmarks", help="the corresponding landmarks on the moving image")
+    parser.add_argument("--landmarks-coordinate-system", choices=["RAS", "LPS"], help="coordinate system of CSV landmarks")
     parser.add_argument("--model", required=True, help="shipped model name or weights file")
     parser.add_argument("--modality", choices=["auto", "ct", "mr", "max"], default="auto")
     parser.add_argument("--io-steps", type=int, default=0, help="instance-optimization steps (default 0)")
@@ -107,7 +110,8 @@ def register_main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.out_warped_labels and not args.moving_labels:
             raise ValueError("--out-warped-labels needs --moving-labels")
-        inputs = [args.moving, args.fixed, args.moving_labels, args.fixed_labels, args.model]
+        inputs = [args.moving, args.fixed, args.moving_labels, args.fixed_labels, args.model,
+                  args.fixed_landmarks, args.moving_landmarks]
         outputs = [args.out_transform, args.out_warped, args.out_inverse, args.out_jacobian,
                    args.out_warped_labels, args.summary, args.report]
         check_outputs(outputs, inputs)
@@ -117,6 +121,8 @@ def register_main(argv: Optional[List[str]] = None) -> int:
             device=args.device, inverse=bool(args.out_inverse), progress=progress_printer(args.progress),
             field_spacing_mm=args.field_spacing, precision=args.precision,
             moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
+            fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
+            landmarks_coordinate_system=args.landmarks_coordinate_system,
         )
         write_transform(result.transform, args.out_transform)
         if args.out_inverse:

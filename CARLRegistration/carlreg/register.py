@@ -23,6 +23,7 @@ from .device import resolve_device
 from .geometry import canonical_orientation, jacobian_determinant, map_to_displacement_field, output_grid, resize_to_network
 from .inference import predict_maps
 from .io import ImageError, PathLike, image_to_tensor, read_image
+from .landmarks import read_landmarks, target_registration_error
 from .losses import lncc
 from .metrics import dice_per_label
 from .models import load_model
@@ -101,6 +102,9 @@ def register(
     precision: str = "fp32",
     moving_labels: Optional[Union[sitk.Image, PathLike]] = None,
     fixed_labels: Optional[Union[sitk.Image, PathLike]] = None,
+    fixed_landmarks: Optional[PathLike] = None,
+    moving_landmarks: Optional[PathLike] = None,
+    landmarks_coordinate_system: Optional[str] = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; each keeps its own geometry (no pre-alignment needed).
 
@@ -116,6 +120,9 @@ def register(
         inverse: also compute the moving → fixed transform.
         field_spacing_mm: spacing of the transform's grid (default: the fixed image's own).
         precision: ``fp32`` or ``bf16`` for the network.
+        moving_labels, fixed_labels: label maps for the warped label map and Dice.
+        fixed_landmarks, moving_landmarks: ``.fcsv``/``.mrk.json``/``.csv`` files for the TRE
+            (``landmarks_coordinate_system``, RAS or LPS, for CSV).
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -176,6 +183,14 @@ def register(
             for key, labels_image in (("dice_before", before), ("dice_after", warped_labels)):
                 scores = dice_per_label(_label_tensor(labels_image), fixed_labels_array)
                 metrics[key] = sum(scores.values()) / len(scores) if scores else float("nan")
+    if fixed_landmarks is not None and moving_landmarks is not None:
+        metrics.update(
+            target_registration_error(
+                transform,
+                read_landmarks(fixed_landmarks, landmarks_coordinate_system),
+                read_landmarks(moving_landmarks, landmarks_coordinate_system),
+            )
+        )
     metrics["seconds"] = time.perf_counter() - started
     reporter.report(1)
     return RegistrationResult(
