@@ -269,6 +269,16 @@ def test_command_line_end_to_end_on_the_monai_pair(tmp_path, identity_checkpoint
     warped = sitk.ReadImage(str(outputs["w.nii.gz"]))
     assert warped.GetSize() == fixed.GetSize() and np.allclose(warped.GetDirection(), fixed.GetDirection())
     assert not list(tmp_path.glob(".*partial*"))
+    # carl-warp applies the saved transform: the same label map as carl-register wrote
+    rewarped = tmp_path / "rewarped.nii.gz"
+    completed = subprocess.run(
+        [sys.executable, "-m", "carlreg", "warp", "--transform", outputs["t.h5"], "--labels",
+         "--input", folder / "reoriented_anat_moved_label.nii.gz", "--reference", folder / "anatomical.nii", "--out", rewarped],
+        capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stderr
+    first, second = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (outputs["wl.nii.gz"], rewarped))
+    assert np.array_equal(first, second)
 
 
 def test_ants_applies_our_displacement_field_and_agrees(tmp_path, awkward_pair, known_result):
