@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from typing import Callable, List, Optional
 
 from .progress import Cancelled, Progress
@@ -34,6 +36,16 @@ def progress_printer(kind: str) -> Optional[Callable[[Progress], None]]:
         sys.stderr.flush()
 
     return bar
+
+
+def _cancel_on_sigterm() -> None:
+    """SIGTERM (a GUI's Cancel) raises Cancelled, so that partial outputs are removed on the way out."""
+
+    def cancelled(signum, frame):
+        raise Cancelled("cancelled")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, cancelled)
 
 
 def _parse_value(text: str):
@@ -107,6 +119,7 @@ def register_main(argv: Optional[List[str]] = None) -> int:
     from .register import register, warp_image
 
     args = _register_parser().parse_args(argv)
+    _cancel_on_sigterm()
     try:
         if args.out_warped_labels and not args.moving_labels:
             raise ValueError("--out-warped-labels needs --moving-labels")
