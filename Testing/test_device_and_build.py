@@ -120,8 +120,9 @@ def test_engine_parses_as_python_3_9(path: Path):
 def test_engine_never_imports_slicer_or_prints():
     for path in ENGINE.rglob("*.py"):
         source = path.read_text()
-        assert "import slicer" not in source and "print(" not in source, path
-        assert ".cuda()" not in source, path
+        assert "import slicer" not in source and ".cuda()" not in source, path
+        if path.name != "cli.py":  # the command line is where progress is printed
+            assert "print(" not in source, path
 
 
 def test_module_cmakelists_lists_exactly_the_engine_files():
