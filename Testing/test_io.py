@@ -38,3 +38,18 @@ def test_atomic_output_leaves_nothing_when_the_block_fails(tmp_path):
 def test_outputs_given_twice_are_refused(tmp_path):
     with pytest.raises(ValueError, match="is given twice"):
         check_outputs([tmp_path / "a.h5", tmp_path / "a.h5"], [])
+
+
+def test_a_set_of_outputs_appears_whole_or_not_at_all(tmp_path):
+    from carlreg.io import atomic_outputs
+
+    with pytest.raises(RuntimeError):
+        with atomic_outputs() as reserve:
+            reserve(tmp_path / "transform.h5").write_text("done")
+            reserve(tmp_path / "warped.nii.gz")
+            raise RuntimeError("writing the warped image failed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_outputs() as reserve:
+        reserve(tmp_path / "transform.h5").write_text("done")
+        reserve(tmp_path / "warped.nii.gz").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transform.h5", "warped.nii.gz"]

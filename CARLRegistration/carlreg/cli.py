@@ -48,6 +48,19 @@ def _cancel_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, cancelled)
 
 
+def _run(prog: str, body: Callable[[], None]) -> int:
+    """Run a command's body: 0 on success, 130 when cancelled, 2 with a one-line error otherwise."""
+    try:
+        body()
+    except Cancelled as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"{prog}: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -67,22 +80,18 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in this run (a checkpoint is written)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         values = json.loads(open(args.config).read()) if args.config else {}
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
-                raise ValueError(f"carl-train: --set expects KEY=VALUE, got {item!r}")
+                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
             values[key] = _parse_value(value)
         config = TrainConfig.from_dict(values)
         train(config, resolve_device(args.device), progress_printer(args.progress), max_steps_this_run=args.max_steps)
-    except Cancelled as err:
-        print(f"carl-train: {err}", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"carl-train: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return _run("carl-train", body)
 
 
 def _register_parser() -> argparse.ArgumentParser:
@@ -115,12 +124,14 @@ def register_main(argv: Optional[List[str]] = None) -> int:
     """``carl-register``: exit 0 on success, 2 on bad input (one line on stderr), 130 when cancelled."""
     import SimpleITK as sitk
 
-    from .io import atomic_output, check_outputs, read_image, write_image, write_transform
+    from .io import atomic_outputs, check_outputs, read_image, write_image, write_transform
     from .register import register, warp_image
 
     args = _register_parser().parse_args(argv)
     _cancel_on_sigterm()
-    try:
+    metrics = {}
+
+    def body() -> None:
         if args.out_warped_labels and not args.moving_labels:
             raise ValueError("--out-warped-labels needs --moving-labels")
         inputs = [args.moving, args.fixed, args.moving_labels, args.fixed_labels, args.model,
@@ -137,40 +148,37 @@ def register_main(argv: Optional[List[str]] = None) -> int:
             fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
             landmarks_coordinate_system=args.landmarks_coordinate_system,
         )
-        write_transform(result.transform, args.out_transform)
-        if args.out_inverse:
-            write_transform(result.inverse_transform, args.out_inverse)
-        if args.out_warped:
-            write_image(result.warped, args.out_warped)
-        if args.out_jacobian:
-            write_image(result.jacobian, args.out_jacobian)
-        if args.out_warped_labels:
-            write_image(result.warped_labels, args.out_warped_labels)
-        if args.summary:
-            with atomic_output(args.summary) as temporary:
-                temporary.write_text(json.dumps(result.metrics, indent=2))
-        if args.report:
-            from .report import write_report
+        with atomic_outputs() as reserve:
+            write_transform(result.transform, reserve(args.out_transform))
+            if args.out_inverse:
+                write_transform(result.inverse_transform, reserve(args.out_inverse))
+            if args.out_warped:
+                write_image(result.warped, reserve(args.out_warped))
+            if args.out_jacobian:
+                write_image(result.jacobian, reserve(args.out_jacobian))
+            if args.out_warped_labels:
+                write_image(result.warped_labels, reserve(args.out_warped_labels))
+            if args.summary:
+                reserve(args.summary).write_text(json.dumps(result.metrics, indent=2))
+            if args.report:
+                from .report import write_report
 
-            identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
-            write_report(
-                args.report, fixed, warp_image(moving, fixed, identity), result.warped,
-                result.transform.GetDisplacementField(), result.jacobian, result.metrics,
-            )
-    except Cancelled as err:
-        print(f"carl-register: {err}", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"carl-register: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.progress == "json":
-        print(json.dumps({"stage": "done", "metrics": result.metrics}), flush=True)
-    return 0
+                identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
+                write_report(
+                    reserve(args.report), fixed, warp_image(moving, fixed, identity), result.warped,
+                    result.transform.GetDisplacementField(), result.jacobian, result.metrics,
+                )
+        metrics.update(result.metrics)
+
+    code = _run("carl-register", body)
+    if code == 0 and args.progress == "json":
+        print(json.dumps({"stage": "done", "metrics": metrics}), flush=True)
+    return code
 
 
 def warp_main(argv: Optional[List[str]] = None) -> int:
     """``carl-warp --transform T --input I --reference R --out O [--labels]``."""
-    from .io import check_outputs, read_image, read_transform, write_image
+    from .io import atomic_output, check_outputs, read_image, read_transform, write_image
     from .register import warp_image
 
     parser = argparse.ArgumentParser(prog="carl-warp", description="Apply a saved transform to an image or label map.")
@@ -180,15 +188,15 @@ def warp_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation, pixel type kept")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         check_outputs([args.out], [args.transform, args.input, args.reference])
         transform = read_transform(args.transform)
         warped = warp_image(read_image(args.input, "input"), read_image(args.reference, "reference"), transform, args.labels)
-        write_image(warped, args.out)
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"carl-warp: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
+        with atomic_output(args.out) as temporary:
+            write_image(warped, temporary)
+
+    return _run("carl-warp", body)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

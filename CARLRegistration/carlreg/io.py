@@ -4,8 +4,9 @@ Images are SimpleITK images (physical geometry: origin, spacing, direction; LPS 
 Only this module converts between SimpleITK arrays and tensors: ``sitk.GetArrayFromImage``
 reverses the axes, so tensors are in (z, y, x) order while SimpleITK indices are (x, y, z).
 
-Every output is written to a temporary name in its destination folder and renamed at the end,
-so a failed or cancelled run leaves no partial file; no output may be one of the inputs.
+Outputs are written to temporary names in their destination folders and renamed together at
+the end (:func:`atomic_outputs`), so a failed or cancelled run leaves no partial file and no
+incomplete set of files; no output may be one of the inputs.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,6 +26,7 @@ __all__ = [
     "image_to_tensor",
     "check_outputs",
     "atomic_output",
+    "atomic_outputs",
     "write_image",
     "write_transform",
     "read_transform",
@@ -118,30 +120,51 @@ def _full_suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def _temporary_beside(path: Path) -> Path:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + _full_suffix(path), dir=path.parent)
+    os.close(handle)
+    return Path(temporary)
+
+
+@contextlib.contextmanager
+def atomic_outputs() -> Iterator[Callable[[PathLike], Path]]:
+    """Yields ``reserve(path) -> temporary path`` (beside ``path``, same suffix).
+
+    When the block succeeds every temporary file is renamed onto its target; when it fails,
+    or is cancelled, all of them are removed and no target is touched.
+    """
+    pending: List[Tuple[Path, Path]] = []
+
+    def reserve(path: PathLike) -> Path:
+        target = Path(path)
+        temporary = _temporary_beside(target)
+        pending.append((temporary, target))
+        return temporary
+
+    try:
+        yield reserve
+        for temporary, target in pending:
+            os.replace(temporary, target)
+    finally:
+        for temporary, _ in pending:
+            if temporary.exists():
+                temporary.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` (same suffix); renamed onto ``path`` if the block succeeds."""
-    path = Path(path)
-    suffix = _full_suffix(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(temporary)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    """One output: yields a temporary path beside ``path``, renamed onto it if the block succeeds."""
+    with atomic_outputs() as reserve:
+        yield reserve(path)
 
 
 def write_image(image: sitk.Image, path: PathLike) -> None:
-    """Write an image atomically (format from the suffix, compressed where the format allows)."""
-    with atomic_output(path) as temporary:
-        sitk.WriteImage(image, str(temporary), True)
+    """Write an image (format from the suffix, compressed where the format allows)."""
+    sitk.WriteImage(image, str(path), True)
 
 
 def write_transform(transform: sitk.DisplacementFieldTransform, path: PathLike) -> None:
-    """Write a displacement-field transform atomically.
+    """Write a displacement-field transform.
 
     ``.h5``/``.tfm``/``.txt``: an ITK transform file. ``.nii.gz``/``.nrrd``/``.mha`` (and
     uncompressed variants): the displacement field as a vector image, LPS millimetres, on
@@ -150,8 +173,7 @@ def write_transform(transform: sitk.DisplacementFieldTransform, path: PathLike) 
     path = Path(path)
     suffix = _full_suffix(path)
     if suffix in TRANSFORM_FILE_SUFFIXES:
-        with atomic_output(path) as temporary:
-            sitk.WriteTransform(transform, str(temporary))
+        sitk.WriteTransform(transform, str(path))
     elif suffix in FIELD_IMAGE_SUFFIXES:
         write_image(transform.GetDisplacementField(), path)
     else:

@@ -11,7 +11,7 @@ from typing import Dict, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .io import PathLike, atomic_output
+from .io import PathLike
 
 __all__ = ["write_report"]
 
@@ -58,7 +58,7 @@ def write_report(
     jacobian: sitk.Image,
     metrics: Dict[str, Union[float, str]],
 ) -> None:
-    """Write the report PNG to ``path`` (atomically).
+    """Write the report PNG to ``path``.
 
     ``moving_on_fixed`` is the moving image resampled onto the fixed grid without registration;
     ``field`` the fixed → moving displacement field (LPS mm) on the grid of ``jacobian``.
@@ -96,6 +96,5 @@ def write_report(
     )
     figure.suptitle(summary, fontsize=13)
     figure.tight_layout()
-    with atomic_output(path) as temporary:
-        figure.savefig(temporary, dpi=90, format="png")
+    figure.savefig(path, dpi=90, format="png")
     plt.close(figure)

@@ -6,14 +6,13 @@ global generator (GradICON's jitter) and draws its batch from a generator seeded
 ``(seed, step)``; with the model, optimizer and step restored from a checkpoint, a resumed run
 continues exactly as the uninterrupted run would have.
 
-Files in ``output``: ``checkpoint.pt`` (model, optimizer, step, config; written to a temporary
-name and renamed), ``model.pt`` (the weights alone), ``log.jsonl`` (one line per step, plus
+Files in ``output``: ``checkpoint.pt`` (model, optimizer, step, config; written under temporary
+names and renamed together with ``model.pt``), ``model.pt`` (the weights alone), ``log.jsonl`` (one line per step, plus
 validation lines) and ``config.json``.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .data import BRAIN_LABEL_LIMIT, SynthSegSource
+from .io import atomic_outputs
 from .losses import make_objective
 from .maps import sample
 from .metrics import mean_dice
@@ -71,12 +71,6 @@ class TrainConfig:
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -172,8 +166,7 @@ def train(
 
 
 def _save(model, optimizer, step: int, config: TrainConfig, output: Path) -> None:
-    _atomic_save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config)},
-        output / CHECKPOINT,
-    )
-    _atomic_save(model.state_dict(), output / "model.pt")
+    with atomic_outputs() as reserve:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config)}
+        torch.save(state, reserve(output / CHECKPOINT))
+        torch.save(model.state_dict(), reserve(output / "model.pt"))
