@@ -48,6 +48,12 @@ def _cancel_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, cancelled)
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _run(prog: str, body: Callable[[], None]) -> int:
     """Run a command's body: 0 on success, 130 when cancelled, 2 with a one-line error otherwise."""
     try:
@@ -71,7 +77,7 @@ def _parse_value(text: str):
 def train_main(argv: Optional[List[str]] = None) -> int:
     """``carl-train [--config FILE] [--set KEY=VALUE ...] [--device D] [--progress P] [--max-steps N]``."""
     from .device import resolve_device
-    from .train import TrainConfig, train
+    from .train import TrainConfig, init_distributed_from_environment, train
 
     parser = argparse.ArgumentParser(prog="carl-train", description="Train a CARL network (resumes from OUTPUT/checkpoint.pt).")
     parser.add_argument("--config", help="JSON file of TrainConfig settings")
@@ -89,7 +95,11 @@ def train_main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
             values[key] = _parse_value(value)
         config = TrainConfig.from_dict(values)
-        train(config, resolve_device(args.device), progress_printer(args.progress), max_steps_this_run=args.max_steps)
+        local_rank = init_distributed_from_environment()
+        device = args.device
+        if local_rank is not None and device in ("auto", "cuda") and torch_cuda_available():
+            device = f"cuda:{local_rank}"
+        train(config, resolve_device(device), progress_printer(args.progress), max_steps_this_run=args.max_steps)
 
     return _run("carl-train", body)
 

@@ -1,5 +1,9 @@
 """Training CARL: the paper's schedule, checkpoints every N steps, exact resume.
 
+Data-parallel: started by ``torchrun`` (or in any initialised ``torch.distributed`` process
+group: NCCL on GPUs, gloo on CPUs), every rank trains on its own batches and DDP averages the
+gradients, so all ranks hold the same weights; rank 0 writes the files.
+
 Phase 1 (``diffusion_steps`` steps) minimises the diffusion-regularised objective, phase 2 the
 GradICON objective (:mod:`carlreg.losses`); Adam, lr 1e-4 by default. Every step seeds the
 global generator (GradICON's jitter) and draws its batch from a generator seeded by
@@ -13,12 +17,16 @@ validation lines) and ``config.json``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import BRAIN_LABEL_LIMIT, SynthSegSource
 from .io import atomic_outputs
@@ -28,7 +36,7 @@ from .metrics import mean_dice
 from .network import build_carl
 from .progress import CancelCheck, ProgressCallback, StageReporter
 
-__all__ = ["TrainConfig", "train", "load_checkpoint"]
+__all__ = ["TrainConfig", "PhaseObjective", "train", "load_checkpoint", "init_distributed_from_environment"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -69,8 +77,34 @@ class TrainConfig:
         return cls(**values)
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def _step_seed(seed: int, step: int, rank: int, world: int) -> int:
+    return seed * 1_000_003 + step * world + rank
+
+
+class PhaseObjective(nn.Module):
+    """Both phases' objectives around one network, so that one DDP wrapper serves both."""
+
+    def __init__(self, network: nn.Module, lmbda: float, sigma: float) -> None:
+        super().__init__()
+        self.diffusion = make_objective("diffusion", network, lmbda, sigma)
+        self.gradicon = make_objective("gradicon", network, lmbda, sigma)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phase: str):
+        return getattr(self, phase)(moving, fixed)
+
+
+def _rank_and_world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_environment() -> Optional[int]:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1); returns the local rank, or None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -115,8 +149,8 @@ def train(
     ``max_steps_this_run`` stops early after that many steps (the checkpoint is then
     written), for runs that are interrupted by design. Returns the model.
     """
+    rank, world = _rank_and_world()
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = build_carl(3, config.input_shape, config.variant, config.fourth_step, config.width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -126,42 +160,53 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
-    (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
     source = _make_source(config, "train")
-    validation = _make_source(config, "validation") if config.validate_every else None
-    objectives = {
-        "diffusion": make_objective("diffusion", model, config.lmbda, config.sigma),
-        "gradicon": make_objective("gradicon", model, config.lmbda, config.sigma),
-    }
+    validation = _make_source(config, "validation") if config.validate_every and rank == 0 else None
+    loss_model: nn.Module = PhaseObjective(model, config.lmbda, config.sigma)
+    if world > 1:
+        loss_model = DistributedDataParallel(loss_model)
     end = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
     reporter = StageReporter("training", end - start, progress, should_cancel)
     model.train()
-    with open(output / "log.jsonl", "a") as log:
+    log = open(output / "log.jsonl", "a") if rank == 0 else None
+    try:
         for step in range(start, end):
             began = time.perf_counter()
-            torch.manual_seed(config.seed * 1_000_003 + step)
-            batch = source.batch(config.batch_size, _step_generator(config.seed, step))
+            seed = _step_seed(config.seed, step, rank, world)
+            torch.manual_seed(seed)
+            batch = source.batch(config.batch_size, torch.Generator().manual_seed(seed))
             phase = "diffusion" if step < config.diffusion_steps else "gradicon"
             optimizer.zero_grad()
-            terms = objectives[phase](batch.moving.to(device), batch.fixed.to(device))
+            terms = loss_model(batch.moving.to(device), batch.fixed.to(device), phase)
             terms.total.backward()
             optimizer.step()
-            record = {
-                "step": step + 1,
-                "phase": phase,
-                "loss": float(terms.total.detach()),
-                "similarity": float(terms.similarity.detach()),
-                "regularity": float(terms.regularity.detach()),
-                "seconds": time.perf_counter() - began,
-            }
             done = step + 1
-            if done % config.checkpoint_every == 0 or done == end:
-                _save(model, optimizer, done, config, output)
-            if validation is not None and done % config.validate_every == 0:
-                record.update(validate(model, validation, config.validation_pairs, device))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            reporter.report(done - start, f"{phase} loss {record['loss']:.4f}")
+            if log is not None:
+                record = {
+                    "step": done,
+                    "phase": phase,
+                    "loss": float(terms.total.detach()),
+                    "similarity": float(terms.similarity.detach()),
+                    "regularity": float(terms.regularity.detach()),
+                    "seconds": time.perf_counter() - began,
+                }
+                if done % config.checkpoint_every == 0 or done == end:
+                    _save(model, optimizer, done, config, output)
+                if validation is not None and done % config.validate_every == 0:
+                    record.update(validate(model, validation, config.validation_pairs, device))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            reporter.report(done - start, f"{phase} loss {float(terms.total.detach()):.4f}")
+    finally:
+        if log is not None:
+            log.close()
+    if world > 1:
+        # DDP keeps parameters equal; BatchNorm statistics are rank 0's, as its forward broadcasts them
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     return model
 
 
