@@ -44,6 +44,9 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert [r.step for r in reports] == [1, 2, 3]
     train(_config(folder, interrupted), max_steps_this_run=2)
     assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 2
+    # a line logged after the checkpoint by a run killed before its next checkpoint is dropped on resume
+    with open(interrupted / "log.jsonl", "a") as log:
+        log.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     train(_config(folder, interrupted))
     assert _losses(interrupted) == _losses(straight)
     assert len(set(_losses(straight))) == 3

@@ -163,6 +163,7 @@ def train(
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        _truncate_log(output / "log.jsonl", start)
     source = _make_source(config, "train")
     validation = _make_source(config, "validation") if config.validate_every and rank == 0 else None
     loss_model: nn.Module = PhaseObjective(model, config.lmbda, config.sigma)
@@ -208,6 +209,15 @@ def train(
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     return model
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint (an interrupted run logged them; they are redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    with atomic_outputs() as reserve:
+        reserve(path).write_text("".join(line + "\n" for line in kept))
 
 
 def _save(model, optimizer, step: int, config: TrainConfig, output: Path) -> None:

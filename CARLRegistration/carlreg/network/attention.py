@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..maps import identity_map
 
@@ -23,8 +22,6 @@ PADDING = 9
 #: accurate (~1e-6, against ~3e-5 for one sum over all keys)
 QUERY_CHUNK = 2048
 KEY_BLOCK = 2048
-#: bytes of scores one checkpointed query chunk may hold while gradients are enabled
-GRAD_CHUNK_BYTES = 256 * 2**20
 
 
 class FeatureNet(nn.Module):
@@ -60,23 +57,13 @@ class FeatureNet(nn.Module):
         return x
 
 
-def _attend(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: torch.Tensor) -> torch.Tensor:
-    """Unnormalised attention of one query chunk, looping over blocks of keys (differentiable).
+def _attend_in_place(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: torch.Tensor) -> torch.Tensor:
+    """Unnormalised attention of one query chunk without gradients, looping over blocks of keys.
 
     ``queries_t`` ``(B, C, q)``, ``keys`` ``(B, Nk, C)``, ``values1_t`` ``(B, V + 1, Nk)``
-    (float32 or wider) whose last row is ones; returns ``(B, V + 1, q)``: ``Σ_k exp(s) v`` and ``Σ_k exp(s)``.
+    (float32 or wider) whose last row is ones; returns ``(B, V + 1, q)``: ``Σ_k exp(s) v`` and
+    ``Σ_k exp(s)``. Scores, ``exp`` and the sums use reused buffers.
     """
-    total = None
-    # split, not slicing: the backward of a slice fills a zero tensor of the whole input per block
-    for block, values_block in zip(keys.split(KEY_BLOCK, dim=1), values1_t.split(KEY_BLOCK, dim=2)):
-        weights = torch.exp(torch.matmul(block, queries_t))
-        part = torch.matmul(values_block, weights.to(values1_t.dtype))
-        total = part if total is None else total + part
-    return total
-
-
-def _attend_in_place(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: torch.Tensor) -> torch.Tensor:
-    """:func:`_attend` without gradients: scores, ``exp`` and sums in reused buffers."""
     batch, n_keys = keys.shape[0], keys.shape[1]
     n_queries = queries_t.shape[-1]
     total = values1_t.new_zeros((batch, values1_t.shape[1], n_queries))
@@ -96,45 +83,52 @@ def _attend_in_place(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: tor
     return total
 
 
-def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Single-head attention with scale 1, computed in blocks.
+def _attention_with_gradients(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Training path: PyTorch's fused attention (flash on CPUs, memory-efficient on GPUs).
 
-    The full ``Nq × Nk`` score matrix is never materialised. With gradients
-    enabled each query chunk is checkpointed (recomputed in the backward pass),
-    so training is bounded in memory too. Scores must stay within ±16 (features
-    of norm < 4, as ``AttentionRegistration`` makes them): the softmax is
-    evaluated without max subtraction, which cannot overflow for such scores,
-    and the blocks' weighted sums simply add up. Under ``torch.autocast`` the
-    scores are computed in the autocast dtype (bfloat16), the weighted sums in
-    float32.
+    Its kernels need values as wide as the keys: the coordinates are zero-padded (and
+    queries and keys too when they are narrower), which changes no score and no output.
+    """
+    width = max(queries.shape[-1], values.shape[-1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:  # fused kernels also need unit stride along channels
+        return F.pad(t, [0, width - t.shape[-1]]) if t.shape[-1] < width else t.contiguous()
+
+    values_padded = pad(values.to(queries.dtype))
+    out = F.scaled_dot_product_attention(pad(queries)[:, None], pad(keys)[:, None], values_padded[:, None], scale=1)
+    return out[:, 0, :, : values.shape[-1]].transpose(1, 2).to(torch.promote_types(values.dtype, torch.float32))
+
+
+def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Single-head attention with scale 1: ``softmax(queries · keysᵀ) · values``.
+
+    Without gradients (inference) it is computed in blocks of 2048 queries × 2048 keys, never
+    materialising the ``Nq × Nk`` scores: scores must stay within ±16 (features of norm < 4,
+    as ``AttentionRegistration`` makes them), so the softmax needs no max subtraction and the
+    blocks' weighted sums simply add up, against only the ``V`` value columns. Under
+    ``torch.autocast`` the scores are computed in the autocast dtype (bfloat16), the weighted
+    sums in float32. With gradients (training) PyTorch's fused, memory-efficient attention
+    computes the same function and its backward pass.
 
     Args:
         queries: ``(B, Nq, C)``; keys: ``(B, Nk, C)``; values: ``(B, Nk, V)``.
     Returns:
-        ``(B, V, Nq)`` in float32 (or the values' dtype if wider): ``softmax(queries · keysᵀ) · values``, transposed.
+        ``(B, V, Nq)`` in float32 (or the values' dtype if wider), transposed.
     """
+    if torch.is_grad_enabled():
+        return _attention_with_gradients(queries, keys, values)
     device_type = queries.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else queries.dtype
-    batch, n_keys = queries.shape[0], keys.shape[1]
     # Centred values halve the rounding of the weighted sums (coordinates span about [-0.2, 1.2]).
     centre = 0.5
     values1_t = torch.cat([values - centre, torch.ones_like(values[..., :1])], dim=-1).transpose(1, 2)
     values1_t = values1_t.to(torch.promote_types(values.dtype, torch.float32)).contiguous()
-    grad = torch.is_grad_enabled()
-    if grad:
-        query_chunk = max(1, GRAD_CHUNK_BYTES // (2 * n_keys * queries.element_size() * batch))
-    else:
-        query_chunk = QUERY_CHUNK
     with torch.autocast(device_type, enabled=False):
         queries_t = queries.to(dtype).transpose(1, 2)
         keys = keys.to(dtype).contiguous()
         outputs = []
-        for chunk in queries_t.split(query_chunk, dim=2):
-            chunk = chunk.contiguous()
-            if grad:
-                total = checkpoint(_attend, chunk, keys, values1_t, use_reentrant=False)
-            else:
-                total = _attend_in_place(chunk, keys, values1_t)
+        for chunk in queries_t.split(QUERY_CHUNK, dim=2):
+            total = _attend_in_place(chunk.contiguous(), keys, values1_t)
             outputs.append(total[:, :-1] / total[:, -1:])
         return torch.cat(outputs, dim=2) + centre
 
