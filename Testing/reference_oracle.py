@@ -5,9 +5,9 @@ Only the minimum is patched, each for a stated reason:
 - its attention forbids the math kernel (``torch.backends.cuda.sdp_kernel(enable_math=False)``),
   the only CPU kernel for its 128-channel keys and 4-channel values: that context is made a no-op;
 - its padded-grid values are always float32: cast to the features' dtype so that it also runs in float64;
-- ``float64_attention()`` evaluates its attention in float64: with untrained (near-uniform)
-  attention over ~27k keys its float32 weighted sum is itself off by ~2e-5, above the 1e-5 we
-  compare at, while the rest of the network runs in float32 as written.
+- ``float64_attention()`` evaluates its attention in float64; used only where gradients are
+  compared (one instance-optimization step): the reference's float32 attention gradients are
+  noisier than the ±lr steps Adam takes for tiny gradients; the rest runs in float32 as written.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def build_reference(reference, variant: str, dimension: int, shape, fourth_step:
 
 
 def reference_maps(model, moving, fixed):
-    """(φ_AB, φ_BA) on the grid from the reference's loss-model forward, attention in float64."""
-    with torch.no_grad(), float64_attention():
+    """(φ_AB, φ_BA) on the grid from the reference's loss-model forward."""
+    with torch.no_grad():
         model(moving, fixed)
     return model.phi_AB_vectorfield, model.phi_BA_vectorfield

@@ -98,7 +98,7 @@ def test_gradicon_objective_equals_reference(reference, dimension):
     moving, fixed = input_batch(dimension)
     moving, fixed = moving[1:], fixed[1:]
     torch.manual_seed(5)
-    with torch.no_grad(), float64_attention():
+    with torch.no_grad():
         expected = ref_model(moving, fixed)
     torch.manual_seed(5)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_gradicon_sparse_equals_reference(reference):
     sparse.assign_identity_map([1, 1, *SHAPES[2]])
     moving, fixed = input_batch(2)
     torch.manual_seed(6)
-    with torch.no_grad(), float64_attention():
+    with torch.no_grad():
         expected = sparse(moving, fixed)
     torch.manual_seed(6)
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_diffusion_objective_equals_reference(reference, dimension):
     ref_model, ours = make_pair_models(reference, "final_final", dimension, fourth_step=False, diffusion=True)
     moving, fixed = input_batch(dimension)
     moving, fixed = moving[1:], fixed[1:]
-    with torch.no_grad(), float64_attention():
+    with torch.no_grad():
         expected = ref_model(moving, fixed)
     with torch.no_grad():
         ours_terms = DiffusionObjective(ours)(moving, fixed)
