@@ -130,3 +130,15 @@ def test_module_cmakelists_lists_exactly_the_engine_files():
     listed = {line.strip() for line in text.splitlines() if line.strip().startswith("carlreg/")}
     on_disk = {str(p.relative_to(REPO / "CARLRegistration")) for p in ENGINE.rglob("*.py")}
     assert listed == on_disk
+
+
+def test_displacement_only_baseline_replaces_the_attention_by_a_unet():
+    baseline = build_carl(2, (72, 80), width=0.125, first_step="unet")
+    carl = build_carl(2, (72, 80), width=0.125)
+    assert not any("convs" in key for key in baseline.state_dict())
+    assert {k for k in baseline.state_dict() if "netPsi" in k} == {k for k in carl.state_dict() if "netPsi" in k}
+    image = torch.rand(1, 1, 72, 80)
+    with torch.no_grad():
+        assert baseline.eval()(image, image).shape == (1, 2, 72, 80)
+    with pytest.raises(ValueError, match="needs inputs of at least 65 voxels"):
+        build_carl(2, (40, 40), first_step="unet")

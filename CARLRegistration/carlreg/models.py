@@ -5,7 +5,7 @@ A shipped model is ``weights/<name>.pt`` (a state_dict) beside its model card
 
     {"name": ..., "file": "<name>.pt", "sha256": ...,
      "architecture": {"dimension": 3, "input_shape": [z, y, x], "variant": "final_final",
-                      "fourth_step": false, "width": 0.25},
+                      "fourth_step": false, "width": 0.25, "first_step": "attention"},
      "modality": "mr", ...}
 
 ``load_model`` also takes the path of such a state_dict (its card beside it), of a training
@@ -69,6 +69,7 @@ def _config_from_architecture(architecture: Dict, source: str) -> CARLConfig:
             variant=str(architecture.get("variant", "final_final")),
             fourth_step=bool(architecture.get("fourth_step", False)),
             width=float(architecture.get("width", 1.0)),
+            first_step=str(architecture.get("first_step", "attention")),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"load_model(): {source} has no valid architecture (dimension, input_shape, ...): {err}") from err

@@ -52,6 +52,7 @@ class TrainConfig:
     max_shift: int = 8
     variant: str = "final_final"
     fourth_step: bool = False
+    first_step: str = "attention"
     width: float = 0.25
     batch_size: int = 2
     learning_rate: float = 1e-4
@@ -152,7 +153,9 @@ def train(
     rank, world = _rank_and_world()
     output = Path(config.output)
     torch.manual_seed(config.seed)
-    model = build_carl(3, config.input_shape, config.variant, config.fourth_step, config.width).to(device)
+    model = build_carl(
+        3, config.input_shape, config.variant, config.fourth_step, config.width, config.first_step
+    ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start = 0
     if (output / CHECKPOINT).exists():

@@ -12,6 +12,9 @@ __all__ = ["CARLConfig", "VARIANTS", "build_carl", "build_from_config"]
 
 #: wirings of the reference (icon_registration.carl): ``make_network_<variant>``
 VARIANTS = ("final_final", "final")
+#: first steps: CARL's coordinate attention Ξ, or a displacement-predicting U-Net (the paper's
+#: variant 1, the baseline that is not [W,U]-equivariant)
+FIRST_STEPS = ("attention", "unet")
 #: channels of Ξ's feature net at width 1
 FEATURE_CHANNELS = 128
 #: smallest input per axis: Ψ1 runs at half resolution and its U-Net halves 4 more times to ≥ 2 voxels
@@ -30,12 +33,15 @@ class CARLConfig:
     variant: str = "final_final"
     fourth_step: bool = False
     width: float = 1.0
+    first_step: str = "attention"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _xi(dimension: int, width: float) -> FunctionFromVectorField:
+def _first(dimension: int, width: float, first_step: str) -> FunctionFromVectorField:
+    if first_step == "unet":
+        return _psi(dimension, width)
     channels = max(1, round(FEATURE_CHANNELS * width))
     return FunctionFromVectorField(AttentionRegistration(FeatureNet(dimension, channels), dimension))
 
@@ -50,6 +56,7 @@ def build_carl(
     variant: str = "final_final",
     fourth_step: bool = False,
     width: float = 1.0,
+    first_step: str = "attention",
 ) -> RegistrationModule:
     """Build CARL: Ξ at 1/4 resolution, Ψ1 at 1/2, Ψ2 at full resolution (and Ψ3 at full).
 
@@ -59,6 +66,8 @@ def build_carl(
 
     At ``width=1`` the state_dict keys and shapes equal the reference's
     ``regis_net`` for the same variant; ``width`` scales every channel count.
+    ``first_step="unet"`` replaces Ξ by a displacement-predicting U-Net (the paper's variant 1,
+    a baseline; it runs at 1/4 resolution, so inputs need at least 65 voxels per axis).
     Calling the result on ``(B, 1, *input_shape)`` moving and fixed images
     returns the ``(B, D, *input_shape)`` fixed → moving map, unit frame; the
     network's ``config`` (:class:`CARLConfig`) and ``input_shape`` describe it.
@@ -75,21 +84,30 @@ def build_carl(
         raise ValueError(f"build_carl(): variant must be one of {VARIANTS}, got {variant!r}")
     if not width > 0:
         raise ValueError(f"build_carl(): width must be positive, got {width}")
+    if first_step not in FIRST_STEPS:
+        raise ValueError(f"build_carl(): first_step must be one of {FIRST_STEPS}, got {first_step!r}")
+    if first_step == "unet" and min(input_shape) < 4 * (MIN_INPUT_SIZE // 2) + 1:
+        raise ValueError(
+            f"build_carl(): a U-Net first step runs at 1/4 resolution and needs inputs of at least "
+            f"{4 * (MIN_INPUT_SIZE // 2) + 1} voxels per axis, got {list(input_shape)}"
+        )
     if variant == "final_final":
-        net = TwoStep(Down(_xi(dimension, width), dimension), _psi(dimension, width))
+        net = TwoStep(Down(_first(dimension, width, first_step), dimension), _psi(dimension, width))
         net = TwoStep(Down(net, dimension), _psi(dimension, width))
     else:
         net = TwoStep(
-            Down(Down(_xi(dimension, width), dimension), dimension),
+            Down(Down(_first(dimension, width, first_step), dimension), dimension),
             TwoStep(Down(_psi(dimension, width), dimension), _psi(dimension, width)),
         )
     if fourth_step:
         net = TwoStep(net, _psi(dimension, width))
     net.set_input_shape(input_shape)
-    net.config = CARLConfig(dimension, input_shape, variant, bool(fourth_step), float(width))
+    net.config = CARLConfig(dimension, input_shape, variant, bool(fourth_step), float(width), first_step)
     return net
 
 
 def build_from_config(config: CARLConfig) -> RegistrationModule:
     """``build_carl`` from a stored :class:`CARLConfig`."""
-    return build_carl(config.dimension, config.input_shape, config.variant, config.fourth_step, config.width)
+    return build_carl(
+        config.dimension, config.input_shape, config.variant, config.fourth_step, config.width, config.first_step
+    )
