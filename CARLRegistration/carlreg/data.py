@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import canonical_orientation
+from .losses import gaussian_blur
 
 __all__ = [
     "SPLITS",
@@ -74,27 +75,13 @@ def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> tor
     return torch.from_numpy(sitk.GetArrayFromImage(resampled).astype(np.int64))
 
 
-def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = image
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        padding = [0, 0, 0]
-        padding[axis] = radius
-        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
-    return out
-
-
 def synthesize_image(labels: torch.Tensor, generator: torch.Generator, max_label: int) -> torch.Tensor:
     """A random-contrast ``(1, 1, *shape)`` image in [0, 1] from an integer label tensor ``(*shape)``."""
     intensities = torch.rand(max_label + 1, generator=generator)
     intensities[0] = torch.rand(1, generator=generator) * 0.2
     image = intensities[labels][None, None].float()
-    image = _gaussian_blur(image, 0.5 + float(torch.rand(1, generator=generator)))
+    # σ of 0.5, 1 or 1.5 voxels: odd kernels (4σ + 1 taps), so the blur does not shift the image
+    image = gaussian_blur(image, 0.5 * int(torch.randint(1, 4, (1,), generator=generator)))
     coarse = torch.randn((1, 1, 4, 4, 4), generator=generator) * 0.3
     bias = torch.exp(F.interpolate(coarse, size=labels.shape, mode="trilinear", align_corners=True))
     image = image * bias
