@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from carlreg.io import read_transform, write_transform
-from carlreg.register import register
+from carlreg.pipeline import register
 from conftest import require_module, shared_data_path
 
 NETWORK_SHAPE = (40, 44, 48)

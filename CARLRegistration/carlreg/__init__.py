@@ -6,11 +6,28 @@ optimization, registration of images in physical space, training, and the comman
 >>> import carlreg
 >>> result = carlreg.register("moving.nii.gz", "fixed.nii.gz", model="path/to/model.pt")
 >>> result.transform  # SimpleITK DisplacementFieldTransform, fixed → moving, LPS mm
+
+The top-level names are imported on first use, so that ``carlreg.worker`` (used by the Slicer
+module's GUI process) imports neither torch nor SimpleITK.
 """
-from .models import load_model
-from .network import CARLConfig, build_carl
-from .register import RegistrationResult, register
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["CARLConfig", "RegistrationResult", "build_carl", "load_model", "register", "__version__"]
+_LAZY = {
+    "CARLConfig": "carlreg.network",
+    "build_carl": "carlreg.network",
+    "load_model": "carlreg.models",
+    "RegistrationResult": "carlreg.pipeline",
+    "register": "carlreg.pipeline",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'carlreg' has no attribute {name!r}")

@@ -135,7 +135,7 @@ def register_main(argv: Optional[List[str]] = None) -> int:
     import SimpleITK as sitk
 
     from .io import atomic_outputs, check_outputs, read_image, write_image, write_transform
-    from .register import register, warp_image
+    from .pipeline import register, warp_image
 
     args = _register_parser().parse_args(argv)
     _cancel_on_sigterm()
@@ -189,7 +189,7 @@ def register_main(argv: Optional[List[str]] = None) -> int:
 def warp_main(argv: Optional[List[str]] = None) -> int:
     """``carl-warp --transform T --input I --reference R --out O [--labels]``."""
     from .io import atomic_output, check_outputs, read_image, read_transform, write_image
-    from .register import warp_image
+    from .pipeline import warp_image
 
     parser = argparse.ArgumentParser(prog="carl-warp", description="Apply a saved transform to an image or label map.")
     parser.add_argument("--transform", required=True, help="fixed → moving transform written by carl-register")

@@ -10,7 +10,7 @@ A shipped model is ``weights/<name>.pt`` (a state_dict) beside its model card
 
 ``load_model`` also takes the path of such a state_dict (its card beside it), of a training
 checkpoint written by ``carl-train`` (which carries its configuration), or any
-``torch.nn.Module`` with the model interface (see :mod:`carlreg.register`).
+``torch.nn.Module`` with the model interface (see :mod:`carlreg.pipeline`).
 """
 from __future__ import annotations
 
