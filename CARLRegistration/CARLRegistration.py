@@ -1,0 +1,442 @@
+"""CARL Registration: deformable registration of two volumes with CARL, in 3D Slicer.
+
+A thin layer over the engine (``carlreg``): the Widget binds the panel to a parameter node,
+the Logic writes the inputs to temporary files, runs ``carl-register`` in a worker process
+(Slicer's PythonSlicer) so that the GUI never freezes, reads its progress, and loads the
+results into the scene. Importing this file imports neither torch nor the engine.
+"""
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:  # Python 3.9+ (Slicer 5.8 bundles 3.9)
+    from typing import Annotated
+except ImportError:  # pragma: no cover
+    from typing_extensions import Annotated
+
+#: the entry of the model list that selects the custom file of the Advanced section
+CUSTOM_MODEL = "Custom file..."
+#: the worker's progress arrives this often (ms) while it runs
+POLL_INTERVAL_MS = 200
+
+
+class CARLRegistration(ScriptedLoadableModule):
+    """Module metadata."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CARL Registration"
+        self.parent.categories = ["Registration"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CARLRegistration developers"]
+        self.parent.helpText = (
+            "Deformable registration with CARL (Coordinate Attention with Refinement Layers). "
+            "Pick the moving and fixed volumes and click Register: the result is a displacement-field "
+            "transform (fixed to moving, on the fixed grid) and the warped moving volume. CARL is "
+            "equivariant to translations: scans with large offsets and different fields of view "
+            "register without pre-alignment."
+        )
+        self.parent.acknowledgementText = (
+            "CARL: Greer, Tian, Vialard, Kwitt, San José Estépar, Niethammer, "
+            "'CARL: A Framework for Equivariant Image Registration', CVPR 2025."
+        )
+
+
+@parameterNodeWrapper
+class CARLRegistrationParameterNode:
+    """The panel's state; each field is bound to the .ui widget whose SlicerParameterName it is."""
+
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedVolume: vtkMRMLScalarVolumeNode
+    model: str
+    modality: str = "auto"
+    outputTransform: vtkMRMLGridTransformNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    customModelPath: str = ""
+    instanceOptimization: bool = False
+    ioSteps: Annotated[int, WithinRange(1, 500)] = 50
+    device: str = "auto"
+    computeInverse: bool = False
+    computeJacobian: bool = False
+    movingLabels: vtkMRMLLabelMapVolumeNode
+
+
+class CARLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: binds the parameter node, starts and cancels the Logic's run, shows progress."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPoll)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CARLRegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CARLRegistrationLogic()
+        self.ui.modelComboBox.addItems(self.logic.availableModels() + [CUSTOM_MODEL])
+        self.ui.deviceComboBox.addItems(self.logic.availableDevices())
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._timer.stop()
+        if self.logic is not None:
+            self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonState)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.logic is not None:
+            self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.fixedVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.fixedVolume = first
+
+    def setParameterNode(self, inputParameterNode: Optional[CARLRegistrationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonState)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonState)
+            self._updateButtonState()
+
+    def _updateButtonState(self, caller=None, event=None) -> None:
+        if self.logic.isRunning():
+            self.ui.registerButton.text = "Cancel"
+            self.ui.registerButton.toolTip = "Stop the registration; the scene is left as it was."
+            self.ui.registerButton.enabled = True
+            return
+        self.ui.registerButton.text = "Register"
+        missing = self.logic.missingInputs(self._parameterNode)
+        self.ui.registerButton.enabled = not missing
+        self.ui.registerButton.toolTip = (
+            "Register the moving volume to the fixed volume." if not missing else "Select " + " and ".join(missing) + "."
+        )
+
+    def onRegisterButton(self) -> None:
+        if self.logic.isRunning():
+            self.logic.cancel()
+            self._timer.stop()
+            self.ui.statusLabel.text = "Cancelled."
+            self.ui.progressBar.value = 0
+            self._updateButtonState()
+            return
+        with slicer.util.tryWithErrorDisplay("Registration failed to start.", waitCursor=True):
+            self.logic.startFromParameterNode(self._parameterNode)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Starting..."
+            self._timer.start()
+        self._updateButtonState()
+
+    def onPoll(self) -> None:
+        for event in self.logic.poll():
+            if "fraction" in event:
+                self.ui.progressBar.value = int(100 * event["fraction"])
+                eta = f", {event['eta_s']:.0f} s left" if event.get("eta_s") is not None else ""
+                self.ui.statusLabel.text = f"{event['stage']}: step {event['step']} of {event['total']}{eta}"
+        if self.logic.isRunning():
+            return
+        self._timer.stop()
+        with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
+            try:
+                self.logic.finish(self._parameterNode)
+                self.ui.statusLabel.text = self.logic.summary()
+                self.ui.progressBar.value = 100
+            except Exception:
+                self.ui.statusLabel.text = "Failed: " + self.logic.lastError
+                self.ui.progressBar.value = 0
+                raise
+        self._updateButtonState()
+
+
+class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
+    """Runs the engine in a worker process and brings its results into the scene.
+
+    Keyword entry point for scripts and tests: :meth:`registerVolumes` (blocking). The GUI uses
+    :meth:`startFromParameterNode`, :meth:`poll` from a timer, then :meth:`finish`.
+    Input nodes are never modified; temporary files are removed in every case.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.job = None
+        self.folder: Optional[str] = None
+        self.metrics: Dict = {}
+        self.lastError = ""
+        self._request: Dict = {}
+
+    def getParameterNode(self) -> CARLRegistrationParameterNode:
+        return CARLRegistrationParameterNode(super().getParameterNode())
+
+    # ---- engine facts (imported lazily: the engine needs torch, which may not be installed yet)
+
+    @staticmethod
+    def _engine(name: str):
+        """A torch-free engine module (``worker``, ``registry``), imported from beside this file."""
+        import importlib
+
+        moduleDir = os.path.dirname(os.path.abspath(__file__))
+        if moduleDir not in sys.path:
+            sys.path.insert(0, moduleDir)
+        return importlib.import_module(f"carlreg.{name}")
+
+    def availableModels(self) -> List[str]:
+        return self._engine("registry").available_models()
+
+    def availableDevices(self) -> List[str]:
+        devices = ["auto", "cpu"]
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                devices.insert(1, "cuda")
+        except ImportError:
+            pass
+        return devices
+
+    def pythonExecutable(self) -> str:
+        """Slicer's PythonSlicer (same Python and packages as Slicer, without the GUI)."""
+        launcher = shutil.which("PythonSlicer")
+        return launcher or sys.executable
+
+    # ---- running
+
+    def missingInputs(self, parameters: CARLRegistrationParameterNode) -> List[str]:
+        missing = []
+        if not parameters.movingVolume:
+            missing.append("a moving volume")
+        if not parameters.fixedVolume:
+            missing.append("a fixed volume")
+        if parameters.model == CUSTOM_MODEL and not parameters.customModelPath:
+            missing.append("a custom model file")
+        if not parameters.model:
+            missing.append("a model")
+        return missing
+
+    def isRunning(self) -> bool:
+        return self.job is not None and self.job.returncode is None
+
+    def startFromParameterNode(self, parameters: CARLRegistrationParameterNode) -> None:
+        missing = self.missingInputs(parameters)
+        if missing:
+            raise ValueError("Select " + " and ".join(missing) + ".")
+        model = parameters.customModelPath if parameters.model == CUSTOM_MODEL else parameters.model
+        self.start(
+            movingVolume=parameters.movingVolume,
+            fixedVolume=parameters.fixedVolume,
+            model=model,
+            modality=parameters.modality,
+            ioSteps=parameters.ioSteps if parameters.instanceOptimization else 0,
+            device=parameters.device,
+            computeInverse=parameters.computeInverse,
+            computeJacobian=parameters.computeJacobian,
+            movingLabels=parameters.movingLabels,
+        )
+
+    def start(
+        self,
+        movingVolume,
+        fixedVolume,
+        model: str,
+        modality: str = "auto",
+        ioSteps: int = 0,
+        device: str = "auto",
+        computeInverse: bool = False,
+        computeJacobian: bool = False,
+        movingLabels=None,
+    ) -> None:
+        """Write the inputs to a temporary folder and start the worker."""
+        if self.isRunning():
+            raise RuntimeError("A registration is already running.")
+        if movingVolume is None or fixedVolume is None:
+            raise ValueError("Both a moving and a fixed volume are needed.")
+        self.folder = tempfile.mkdtemp(prefix="CARLRegistration-")
+        self.metrics, self.lastError = {}, ""
+        paths = {name: os.path.join(self.folder, name) for name in (
+            "moving.nrrd", "fixed.nrrd", "labels.nrrd", "transform.h5", "inverse.h5",
+            "warped.nrrd", "jacobian.nrrd", "warped_labels.nrrd", "summary.json")}
+        try:
+            slicer.util.saveNode(movingVolume, paths["moving.nrrd"])
+            slicer.util.saveNode(fixedVolume, paths["fixed.nrrd"])
+            arguments = [
+                "--moving", paths["moving.nrrd"], "--fixed", paths["fixed.nrrd"], "--model", model,
+                "--modality", modality, "--io-steps", str(ioSteps), "--device", device,
+                "--out-transform", paths["transform.h5"], "--out-warped", paths["warped.nrrd"],
+                "--summary", paths["summary.json"],
+            ]
+            if computeInverse:
+                arguments += ["--out-inverse", paths["inverse.h5"]]
+            if computeJacobian:
+                arguments += ["--out-jacobian", paths["jacobian.nrrd"]]
+            if movingLabels is not None:
+                slicer.util.saveNode(movingLabels, paths["labels.nrrd"])
+                arguments += ["--moving-labels", paths["labels.nrrd"], "--out-warped-labels", paths["warped_labels.nrrd"]]
+            self._request = {"paths": paths, "moving": movingVolume, "fixed": fixedVolume, "labels": movingLabels}
+            self.job = self._engine("worker").WorkerJob(arguments, python=self.pythonExecutable()).start()
+        except Exception:
+            self._removeFolder()
+            raise
+
+    def poll(self) -> List[dict]:
+        return self.job.poll() if self.job is not None else []
+
+    def cancel(self) -> None:
+        """Stop the worker at once; nothing is added to the scene."""
+        if self.job is not None:
+            self.job.cancel()
+        self.job = None
+        self._removeFolder()
+
+    def finish(self, parameters: Optional[CARLRegistrationParameterNode] = None) -> Dict:
+        """After the worker ended: load its results into the scene (or raise its error)."""
+        try:
+            code = self.job.wait()
+            if code != 0:
+                self.lastError = self.job.error
+                raise RuntimeError(self.lastError)
+            return self._loadResults(parameters)
+        finally:
+            self.job = None
+            self._removeFolder()
+
+    def registerVolumes(self, movingVolume, fixedVolume, model: str, **options) -> Dict:
+        """Blocking registration for scripts and tests; returns the created nodes and the metrics."""
+        self.start(movingVolume, fixedVolume, model, **options)
+        while self.isRunning():
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        return self.finish()
+
+    def summary(self) -> str:
+        m = self.metrics
+        if not m:
+            return ""
+        text = f"{m.get('seconds', 0):.1f} s on {m.get('device', '?')}; LNCC {m.get('lncc_before', 0):.3f} → {m.get('lncc_after', 0):.3f}"
+        return text + f"; folding {m.get('folding_percent', 0):.2f} %"
+
+    # ---- results into the scene
+
+    def _loadResults(self, parameters: Optional[CARLRegistrationParameterNode]) -> Dict:
+        import json
+
+        paths, moving, fixed = self._request["paths"], self._request["moving"], self._request["fixed"]
+        with open(paths["summary.json"]) as handle:
+            self.metrics = json.load(handle)
+        created = {}
+        transform = slicer.util.loadTransform(paths["transform.h5"])
+        transform.SetName(slicer.mrmlScene.GenerateUniqueName(f"{moving.GetName()}_to_{fixed.GetName()}"))
+        transform.AddNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), moving.GetID())
+        transform.AddNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), fixed.GetID())
+        created["transform"] = transform
+        warped = slicer.util.loadVolume(paths["warped.nrrd"], {"name": slicer.mrmlScene.GenerateUniqueName(f"{moving.GetName()}_warped")})
+        created["warped"] = warped
+        if os.path.exists(paths["inverse.h5"]):
+            created["inverse"] = slicer.util.loadTransform(paths["inverse.h5"])
+        if os.path.exists(paths["jacobian.nrrd"]):
+            jacobian = slicer.util.loadVolume(paths["jacobian.nrrd"], {"name": f"{moving.GetName()}_jacobian"})
+            jacobian.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+            created["jacobian"] = jacobian
+        if os.path.exists(paths["warped_labels.nrrd"]):
+            created["warpedLabels"] = slicer.util.loadLabelVolume(paths["warped_labels.nrrd"])
+        self._showResults(created, fixed)
+        if parameters is not None:
+            parameters.outputTransform = transform
+            parameters.outputVolume = warped
+        return dict(created, metrics=self.metrics)
+
+    @staticmethod
+    def _showResults(created: Dict, fixed) -> None:
+        slicer.util.setSliceViewerLayers(background=fixed, foreground=created["warped"], foregroundOpacity=0.5)
+        transform = created["transform"]
+        transform.CreateDefaultDisplayNodes()
+        display = transform.GetDisplayNode()
+        display.SetVisibility(True)
+        display.SetVisibility2D(True)
+        display.SetVisualizationMode(slicer.vtkMRMLTransformDisplayNode.VIS_MODE_GRID)
+        spacing = fixed.GetSpacing()
+        display.SetGridSpacingMm(max(5.0, 8 * max(spacing)))
+        display.SetAndObserveRegionNode(fixed)
+
+    def _removeFolder(self) -> None:
+        if self.folder and os.path.isdir(self.folder):
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+
+class CARLRegistrationTest(ScriptedLoadableModuleTest):
+    """In-Slicer self-test: each test_* method is self-contained."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_register_synthetic_pair()
+
+    def test_register_synthetic_pair(self):
+        import numpy as np
+
+        logic = CARLRegistrationLogic()
+        models = logic.availableModels()
+        if not models:
+            self.skipTest("no shipped model in this build")
+        grid = np.indices((64, 64, 64)).astype(np.float32)
+        fixedArray = np.exp(-(((grid - 32.0) ** 2).sum(0)) / (2 * 10.0**2))
+        movingArray = np.roll(fixedArray, 6, axis=2)
+        ijkToRAS = vtk.vtkMatrix4x4()
+        for axis in range(3):
+            ijkToRAS.SetElement(axis, axis, 2.0)
+        fixed = slicer.util.addVolumeFromArray(fixedArray, ijkToRAS, "fixed")
+        moving = slicer.util.addVolumeFromArray(movingArray, ijkToRAS, "moving")
+        result = logic.registerVolumes(moving, fixed, models[0], device="cpu")
+        self.assertIsInstance(result["transform"], slicer.vtkMRMLTransformNode)
+        self.assertEqual(result["transform"].GetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole()), fixed.GetID())
+        self.assertEqual(result["warped"].GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions())
+        self.assertGreater(result["metrics"]["lncc_after"], result["metrics"]["lncc_before"])
+        logging.info("CARLRegistration self-test passed")
