@@ -50,6 +50,7 @@ def test_resumed_run_continues_exactly(tmp_path):
     train(_config(folder, interrupted))
     assert _losses(interrupted) == _losses(straight)
     assert len(set(_losses(straight))) == 3
+    assert (straight / "loss.png").stat().st_size > 1000
     final_straight = torch.load(straight / "model.pt", weights_only=True)
     final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
     for name, value in final_straight.items():

@@ -12,7 +12,8 @@ continues exactly as the uninterrupted run would have.
 
 Files in ``output``: ``checkpoint.pt`` (model, optimizer, step, config; written under temporary
 names and renamed together with ``model.pt``), ``model.pt`` (the weights alone), ``log.jsonl`` (one line per step, plus
-validation lines) and ``config.json``.
+validation lines), ``loss.png`` (the curves, redrawn at each checkpoint when matplotlib is
+installed) and ``config.json``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .metrics import mean_dice
 from .network import build_carl
 from .progress import CancelCheck, ProgressCallback, StageReporter
 
-__all__ = ["TrainConfig", "PhaseObjective", "train", "load_checkpoint", "init_distributed_from_environment"]
+__all__ = ["TrainConfig", "PhaseObjective", "train", "load_checkpoint", "plot_log", "init_distributed_from_environment"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -199,6 +200,8 @@ def train(
                 }
                 if done % config.checkpoint_every == 0 or done == end:
                     _save(model, optimizer, done, config, output)
+                    log.flush()
+                    plot_log(output / "log.jsonl", output / "loss.png")
                 if validation is not None and done % config.validate_every == 0:
                     record.update(validate(model, validation, config.validation_pairs, device))
                 log.write(json.dumps(record) + "\n")
@@ -212,6 +215,37 @@ def train(
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     return model
+
+
+def plot_log(log_path: Path, png_path: Path) -> bool:
+    """Loss, similarity, regularity and validation Dice against the step; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    figure, (losses, dice) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in records]
+    for key in ("loss", "similarity", "regularity"):
+        losses.plot(steps, [r[key] for r in records], label=key, lw=0.8)
+    losses.set_yscale("log")
+    losses.set_xlabel("step")
+    losses.legend()
+    validated = [r for r in records if "val_dice_after" in r]
+    if validated:
+        dice.plot([r["step"] for r in validated], [r["val_dice_after"] for r in validated], "o-", label="after")
+        dice.plot([r["step"] for r in validated], [r["val_dice_before"] for r in validated], "--", label="before")
+        dice.legend()
+    dice.set_xlabel("step")
+    dice.set_title("validation Dice (brain structures)")
+    figure.tight_layout()
+    with atomic_outputs() as reserve:
+        figure.savefig(reserve(png_path), format="png", dpi=80)
+    plt.close(figure)
+    return True
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
