@@ -1,6 +1,8 @@
 """Reading images and writing outputs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from carlreg.io import ImageError, atomic_output, check_outputs, read_image
@@ -53,3 +55,6 @@ def test_a_set_of_outputs_appears_whole_or_not_at_all(tmp_path):
         reserve(tmp_path / "transform.h5").write_text("done")
         reserve(tmp_path / "warped.nii.gz").write_text("done")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["transform.h5", "warped.nii.gz"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "warped.nii.gz").stat().st_mode & 0o777 == 0o666 & ~umask

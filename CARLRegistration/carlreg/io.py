@@ -123,6 +123,10 @@ def _full_suffix(path: Path) -> str:
 def _temporary_beside(path: Path) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + _full_suffix(path), dir=path.parent)
     os.close(handle)
+    # mkstemp makes the file private (0600); outputs get the permissions a plain write would give
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     return Path(temporary)
 
 
