@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from carlreg.data import SynthSegSource
+from carlreg.data import PairsSource, SynthSegSource
 from carlreg.train import TrainConfig, load_checkpoint, train
 from conftest import shared_data_path
 
@@ -55,3 +55,26 @@ def test_resumed_run_continues_exactly(tmp_path):
     final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
     for name, value in final_straight.items():
         assert torch.equal(value, final_resumed[name]), name
+
+
+def test_training_on_the_users_own_pairs(tmp_path):
+    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text(
+        "moving,fixed,moving_labels,fixed_labels\n"
+        f"{folder / 'reoriented_anat_moved.nii'},{folder / 'anatomical.nii'},"
+        f"{folder / 'reoriented_anat_moved_label.nii.gz'},{folder / 'anatomical_label.nii.gz'}\n"
+    )
+    config = TrainConfig(
+        data="pairs", data_folder=str(csv_path), validation_csv=str(csv_path), modality="mr", input_shape=SHAPE,
+        width=0.125, batch_size=2, diffusion_steps=1, steps=2, checkpoint_every=2, validate_every=2,
+        validation_pairs=1, output=str(tmp_path / "run"),
+    )
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["diffusion", "gradicon"]
+    assert 0.0 <= records[-1]["val_dice_before"] <= 1.0 and 0.0 <= records[-1]["val_dice_after"] <= 1.0
+    source = PairsSource(csv_path, SHAPE, "mr")
+    moving, fixed, moving_labels, fixed_labels = source.pairs[0]
+    assert moving.shape == (1, 1) + SHAPE and float(moving.max()) == 1.0
+    assert int((moving_labels > 0).sum()) > 0 and int((fixed_labels > 0).sum()) > 0

@@ -1,4 +1,5 @@
-"""Training data: brain label maps turned into random-contrast image pairs (SynthMorph-style).
+"""Training data: brain label maps turned into random-contrast image pairs (SynthMorph-style),
+and the user's own pairs from a CSV.
 
 ``synthseg3d``: the 20 whole-head label maps of ``../shared/data/synthseg_label_maps``
 (FreeSurfer labels; brain structures below 100, extra-cerebral structures above 500). Subjects
@@ -33,6 +34,7 @@ __all__ = [
     "load_label_map",
     "synthesize_image",
     "SynthSegSource",
+    "PairsSource",
 ]
 
 #: subjects (1-based numbers of training_seg_NN.nii.gz) of each split
@@ -140,3 +142,54 @@ class SynthSegSource:
             parts.append(self._image(self.labels[first], generator) + self._image(self.labels[second], generator))
         moving, moving_labels, fixed, fixed_labels = (torch.cat(t) for t in zip(*parts))
         return LabelPair(moving, fixed, moving_labels, fixed_labels)
+
+
+class PairsSource:
+    """The user's own pairs: a CSV with columns ``moving``, ``fixed`` and optionally
+    ``moving_labels``, ``fixed_labels`` (paths relative to the CSV's folder).
+
+    Each image is read once, reoriented to RAS, normalised (``modality``, see
+    :mod:`carlreg.preprocess`) and resized to the network shape as at registration time;
+    label maps are resized with nearest neighbour (zeros where none are given). A batch
+    draws rows at random and swaps moving and fixed with probability 1/2.
+    """
+
+    def __init__(self, csv_path: Path, shape: Sequence[int], modality: str = "auto") -> None:
+        import csv
+
+        from .geometry import resize_to_network
+        from .io import image_to_tensor, read_image
+        from .preprocess import normalize_intensities
+
+        self.shape = tuple(int(n) for n in shape)
+        csv_path = Path(csv_path)
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"PairsSource(): pair list not found: {csv_path}")
+        with open(csv_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or not {"moving", "fixed"} <= set(rows[0]):
+            raise ValueError(f"PairsSource(): {csv_path} needs columns moving and fixed (and optionally *_labels)")
+
+        def image(relative: str) -> torch.Tensor:
+            loaded = canonical_orientation(read_image(csv_path.parent / relative))
+            return resize_to_network(normalize_intensities(image_to_tensor(loaded), modality, relative), self.shape)
+
+        def labels(relative: str) -> torch.Tensor:
+            if not relative:
+                return torch.zeros((1, 1) + self.shape, dtype=torch.int64)
+            loaded = image_to_tensor(canonical_orientation(read_image(csv_path.parent / relative)))
+            return F.interpolate(loaded, size=list(self.shape), mode="nearest").long()
+
+        self.pairs = [
+            (image(r["moving"]), image(r["fixed"]), labels(r.get("moving_labels") or ""), labels(r.get("fixed_labels") or ""))
+            for r in rows
+        ]
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> LabelPair:
+        parts = []
+        for _ in range(batch_size):
+            moving, fixed, moving_labels, fixed_labels = self.pairs[int(torch.randint(len(self.pairs), (1,), generator=generator))]
+            if bool(torch.rand(1, generator=generator) < 0.5):
+                moving, fixed, moving_labels, fixed_labels = fixed, moving, fixed_labels, moving_labels
+            parts.append((moving, fixed, moving_labels, fixed_labels))
+        return LabelPair(*(torch.cat(t) for t in zip(*parts)))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import BRAIN_LABEL_LIMIT, SynthSegSource
+from .data import BRAIN_LABEL_LIMIT, PairsSource, SynthSegSource
 from .io import atomic_outputs
 from .losses import make_objective
 from .maps import sample
@@ -47,7 +47,12 @@ class TrainConfig:
     """One training run. ``input_shape`` is in tensor order (z, y, x)."""
 
     data: str = "synthseg3d"
+    #: synthseg3d: the label maps' folder; pairs: the CSV of training pairs
     data_folder: str = "../shared/data/synthseg_label_maps"
+    #: pairs: the CSV of validation pairs (with label maps), or "" for none
+    validation_csv: str = ""
+    #: pairs: intensity normalisation (see carlreg.preprocess)
+    modality: str = "auto"
     input_shape: Tuple[int, ...] = (80, 96, 80)
     spacing_mm: float = 2.2
     max_shift: int = 8
@@ -115,15 +120,21 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 
 
 def _make_source(config: TrainConfig, split: str):
+    """The data of one split, or None (pairs without a validation list)."""
+    if config.data == "pairs":
+        path = config.data_folder if split == "train" else config.validation_csv
+        return PairsSource(Path(path), config.input_shape, config.modality) if path else None
     if config.data != "synthseg3d":
-        raise ValueError(f"train(): data source must be 'synthseg3d', got {config.data!r}")
+        raise ValueError(f"train(): data source must be 'synthseg3d' or 'pairs', got {config.data!r}")
     max_shift = config.max_shift if split == "train" else 0
     return SynthSegSource(Path(config.data_folder), split, config.input_shape, config.spacing_mm, max_shift)
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, source: SynthSegSource, pairs: int, device: torch.device) -> Dict[str, float]:
-    """Mean Dice over brain structures before and after registration, on fixed random-contrast pairs."""
+def validate(
+    model: torch.nn.Module, source, pairs: int, device: torch.device, below: Optional[int] = None
+) -> Dict[str, float]:
+    """Mean Dice (over labels ``< below`` if given) before and after registration, on a fixed draw of pairs."""
     was_training = model.training
     model.eval()
     batch = source.batch(pairs, torch.Generator().manual_seed(12345))
@@ -133,8 +144,8 @@ def validate(model: torch.nn.Module, source: SynthSegSource, pairs: int, device:
         fixed_to_moving = model(moving, fixed)
         warped = sample(batch.moving_labels[i : i + 1].float().to(device), fixed_to_moving, mode="nearest")
         fixed_labels = batch.fixed_labels[i : i + 1].to(device)
-        before.append(mean_dice(batch.moving_labels[i : i + 1].to(device), fixed_labels, BRAIN_LABEL_LIMIT))
-        after.append(mean_dice(warped.round().long(), fixed_labels, BRAIN_LABEL_LIMIT))
+        before.append(mean_dice(batch.moving_labels[i : i + 1].to(device), fixed_labels, below))
+        after.append(mean_dice(warped.round().long(), fixed_labels, below))
     model.train(was_training)
     return {"val_dice_before": sum(before) / pairs, "val_dice_after": sum(after) / pairs}
 
@@ -203,7 +214,8 @@ def train(
                     log.flush()
                     plot_log(output / "log.jsonl", output / "loss.png")
                 if validation is not None and done % config.validate_every == 0:
-                    record.update(validate(model, validation, config.validation_pairs, device))
+                    below = BRAIN_LABEL_LIMIT if config.data == "synthseg3d" else None
+                    record.update(validate(model, validation, config.validation_pairs, device, below))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             reporter.report(done - start, f"{phase} loss {float(terms.total.detach()):.4f}")
