@@ -1,6 +1,6 @@
 """The Slicer module file checked without Slicer: imports, .ui names and classes, parameters.
 
-(Running the Widget and Logic needs a stand-in Slicer layer: not yet written.)
+(The Logic runs end to end against the stand-in Slicer layer in test_slicer_logic.py.)
 """
 from __future__ import annotations
 

@@ -1,0 +1,149 @@
+"""The module's Logic end to end against the stand-in Slicer layer (Testing/slicer_standin).
+
+A real worker process runs the real engine; the scene, file loading and saving are the
+stand-in's (RAS in the scene, LPS in files, as in Slicer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPO, require_module, shared_data_path
+
+STANDIN = Path(__file__).parent / "slicer_standin"
+MODULE_DIR = REPO / "CARLRegistration"
+require_module("vtk")
+sys.path[:0] = [str(STANDIN), str(MODULE_DIR)]
+
+import CARLRegistration as module  # noqa: E402
+import slicer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from carlreg import build_carl
+
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = build_carl(3, (40, 40, 40), width=0.125)
+    with torch.no_grad():  # non-zero output layers, so that the maps are not the identity
+        for name, parameter in model.named_parameters():
+            if "lastConv" in name:
+                parameter.normal_(std=0.02)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    (folder / "tiny.json").write_text(json.dumps({"architecture": {"dimension": 3, "input_shape": [40, 40, 40], "width": 0.125}}))
+    return folder / "tiny.pt"
+
+
+@pytest.fixture()
+def scene_pair():
+    slicer.mrmlScene.Clear()
+    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+    moving = slicer.util.loadVolume(str(folder / "reoriented_anat_moved.nii"))
+    fixed = slicer.util.loadVolume(str(folder / "anatomical.nii"))
+    return moving, fixed, folder
+
+
+def _snapshot(node):
+    matrix = np.array(slicer.util._ijk_to_ras(node))
+    return slicer.util.arrayFromVolume(node), matrix, node.GetName(), node.GetTransformNodeID()
+
+
+def _run(logic, **kwargs):
+    logic.start(**kwargs)
+    folder = logic.folder
+    events, deadline = [], time.monotonic() + 120
+    while logic.isRunning() and time.monotonic() < deadline:
+        events += logic.poll()
+        time.sleep(0.05)
+    return folder, events
+
+
+def test_module_file_imports_without_torch():
+    code = (
+        f"import sys; sys.path[:0] = [{str(STANDIN)!r}, {str(MODULE_DIR)!r}]; import CARLRegistration; "
+        "print('torch' in sys.modules, 'carlreg' in sys.modules)"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["False", "False"]
+
+
+def test_registration_end_to_end_matches_the_engine(tmp_path, scene_pair, tiny_model):
+    moving, fixed, folder = scene_pair
+    before = [_snapshot(moving), _snapshot(fixed)]
+    logic = module.CARLRegistrationLogic()
+    work_folder, events = _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu")
+    assert events and events[-1]["stage"] == "done"
+    result = logic.finish()
+    assert not os.path.exists(work_folder)
+
+    transform, warped = result["transform"], result["warped"]
+    assert isinstance(transform, slicer.vtkMRMLGridTransformNode)
+    assert transform.GetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()) == moving.GetID()
+    assert transform.GetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole()) == fixed.GetID()
+    assert warped.GetImageData().GetDimensions() == fixed.GetImageData().GetDimensions()
+    assert np.allclose(slicer.util._ijk_to_ras(warped), slicer.util._ijk_to_ras(fixed), atol=1e-6)
+    assert slicer.util.sliceViewerLayers == {"background": fixed, "foreground": warped, "foregroundOpacity": 0.5}
+    display = transform.GetDisplayNode()
+    assert display.calls["SetVisualizationMode"] == (slicer.vtkMRMLTransformDisplayNode.VIS_MODE_GRID,)
+    assert display.calls["SetAndObserveRegionNode"] == (fixed,)
+    for node, snapshot in zip((moving, fixed), before):  # inputs untouched
+        array, matrix, name, parent = _snapshot(node)
+        assert np.array_equal(array, snapshot[0]) and np.array_equal(matrix, snapshot[1])
+        assert (name, parent) == snapshot[2:]
+
+    # the engine on the original files: its LPS field, flipped to RAS, is what the scene holds
+    reference = tmp_path / "engine.h5"
+    completed = subprocess.run(
+        [sys.executable, "-m", "carlreg", "register", "--moving", folder / "reoriented_anat_moved.nii",
+         "--fixed", folder / "anatomical.nii", "--model", tiny_model, "--device", "cpu",
+         "--out-transform", reference, "--progress", "none"], capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stderr
+    field = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(reference))).GetDisplacementField()
+    engine_ras = sitk.GetArrayFromImage(field) * np.array([-1.0, -1.0, 1.0])
+    scene_ras = slicer.util.arrayFromGridTransform(transform)
+    assert np.abs(engine_ras).max() > 0.5  # a real deformation, not the identity
+    assert np.abs(scene_ras - engine_ras).max() <= 0.1
+    origin_ras = np.array(transform.displacement.GetOrigin())
+    fixed_origin_ras = np.array(slicer.util._ijk_to_ras(fixed))[:3, 3]
+    assert np.allclose(origin_ras, fixed_origin_ras, atol=1e-4)
+
+
+def test_cancel_stops_the_worker_and_leaves_the_scene_as_it_was(scene_pair, tiny_model):
+    moving, fixed, _ = scene_pair
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    logic = module.CARLRegistrationLogic()
+    logic.start(movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu", ioSteps=500)
+    work_folder = logic.folder
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(e["stage"] == "instance optimization" for e in logic.poll()):
+        assert logic.isRunning()
+        time.sleep(0.05)
+    started = time.monotonic()
+    logic.cancel()
+    assert time.monotonic() - started < 2.0
+    assert not logic.isRunning() and slicer.mrmlScene.GetNumberOfNodes() == nodes
+    assert not os.path.exists(work_folder)
+
+
+def test_a_failing_worker_surfaces_its_error_and_adds_no_node(scene_pair, tmp_path):
+    moving, fixed, _ = scene_pair
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    logic = module.CARLRegistrationLogic()
+    work_folder, _ = _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tmp_path / "absent.pt"), device="cpu")
+    with pytest.raises(RuntimeError, match="carl-register: load_model\\(\\): model file not found"):
+        logic.finish()
+    assert logic.lastError.startswith("carl-register: load_model(): model file not found")
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes
+    assert not os.path.exists(work_folder)
