@@ -262,10 +262,32 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
     def isRunning(self) -> bool:
         return self.job is not None and self.job.returncode is None
 
+    #: what the engine needs of PyTorch (SlicerPyTorch installs the build that fits the GPU driver)
+    TORCH_REQUIREMENT = ">=2.4"
+
+    def ensureTorch(self, askConfirmation: bool = True) -> None:
+        """Make sure the worker can import torch: installed through SlicerPyTorch, after asking.
+
+        Only looks for torch here (the GUI process never imports it).
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is not None:
+            return
+        try:
+            import PyTorchUtils
+        except ImportError as err:
+            raise ValueError("CARL Registration needs the PyTorch extension: install it from the Extensions Manager.") from err
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=askConfirmation, torchVersionRequirement=self.TORCH_REQUIREMENT
+        ) is None:
+            raise ValueError("CARL Registration needs PyTorch, which was not installed.")
+
     def startFromParameterNode(self, parameters: CARLRegistrationParameterNode) -> None:
         missing = self.missingInputs(parameters)
         if missing:
             raise ValueError("Select " + " and ".join(missing) + ".")
+        self.ensureTorch()
         model = parameters.customModelPath if parameters.model == CUSTOM_MODEL else parameters.model
         self.start(
             movingVolume=parameters.movingVolume,

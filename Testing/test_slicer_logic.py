@@ -147,3 +147,30 @@ def test_a_failing_worker_surfaces_its_error_and_adds_no_node(scene_pair, tmp_pa
     assert logic.lastError.startswith("carl-register: load_model(): model file not found")
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes
     assert not os.path.exists(work_folder)
+
+
+def test_torch_is_installed_through_slicer_pytorch_after_asking(monkeypatch):
+    import importlib.util
+    import types
+
+    logic = module.CARLRegistrationLogic()
+    calls = []
+    stand_in = types.SimpleNamespace(PyTorchUtilsLogic=lambda: types.SimpleNamespace(
+        installTorch=lambda **kwargs: calls.append(kwargs) or object()))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", stand_in)
+    logic.ensureTorch()
+    assert calls == []  # torch is importable: nothing to install
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    logic.ensureTorch()
+    assert calls == [{"askConfirmation": True, "torchVersionRequirement": ">=2.4"}]
+    stand_in.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: None)
+    with pytest.raises(ValueError, match="needs PyTorch, which was not installed"):
+        logic.ensureTorch()
+
+
+def test_the_worker_explains_a_numpy_2_import_failure():
+    from carlreg.cli import _import_problem
+
+    message = _import_problem(ImportError("numpy.core.multiarray failed to import"))
+    assert "NumPy" in message and "newer PyTorch" in message
+    assert "not installed" in _import_problem(ModuleNotFoundError("No module named 'torch'", name="torch"))

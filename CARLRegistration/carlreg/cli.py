@@ -61,10 +61,26 @@ def _run(prog: str, body: Callable[[], None]) -> int:
     except Cancelled as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 130
+    except ImportError as err:
+        print(f"{prog}: {_import_problem(err)}", file=sys.stderr)
+        return 3
     except (ValueError, OSError, RuntimeError) as err:
         print(f"{prog}: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
         return 2
     return 0
+
+
+def _import_problem(err: ImportError) -> str:
+    """One line on a missing or broken dependency, with what to do."""
+    text = str(err)
+    if "numpy" in text.lower():
+        return (
+            "PyTorch cannot load with the installed NumPy (a PyTorch built for NumPy 1.x under NumPy 2): "
+            "install a newer PyTorch (in Slicer: PyTorch Utils, reinstall) or NumPy < 2"
+        )
+    if getattr(err, "name", None) == "torch" or "torch" in text:
+        return "PyTorch is not installed: in Slicer install the PyTorch extension; elsewhere `pip install torch`"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _parse_value(text: str):
@@ -131,17 +147,18 @@ def _register_parser() -> argparse.ArgumentParser:
 
 
 def register_main(argv: Optional[List[str]] = None) -> int:
-    """``carl-register``: exit 0 on success, 2 on bad input (one line on stderr), 130 when cancelled."""
-    import SimpleITK as sitk
-
-    from .io import atomic_outputs, check_outputs, read_image, write_image, write_transform
-    from .pipeline import register, warp_image
-
+    """``carl-register``: exit 0 on success, 2 on bad input, 3 on a missing dependency (one line
+    on stderr), 130 when cancelled."""
     args = _register_parser().parse_args(argv)
     _cancel_on_sigterm()
     metrics = {}
 
     def body() -> None:
+        import SimpleITK as sitk
+
+        from .io import atomic_outputs, check_outputs, read_image, write_image, write_transform
+        from .pipeline import register, warp_image
+
         if args.out_warped_labels and not args.moving_labels:
             raise ValueError("--out-warped-labels needs --moving-labels")
         inputs = [args.moving, args.fixed, args.moving_labels, args.fixed_labels, args.model,
