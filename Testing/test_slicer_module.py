@@ -8,7 +8,7 @@ import ast
 import re
 import xml.etree.ElementTree as ElementTree
 
-from conftest import REPO
+from conftest import REPO, require_module
 
 MODULE_FILE = REPO / "CARLRegistration" / "CARLRegistration.py"
 UI_FILE = REPO / "CARLRegistration" / "Resources" / "UI" / "CARLRegistration.ui"
@@ -80,3 +80,20 @@ def test_module_cmakelists_lists_the_module_and_its_resources():
     assert "${MODULE_NAME}.py" in text and "Resources/UI/${MODULE_NAME}.ui" in text
     assert (REPO / "CARLRegistration" / "Resources" / "Icons" / "CARLRegistration.png").is_file()
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_the_panel_builds_from_the_ui_with_real_qt(tmp_path):
+    require_module("PySide6")
+    from PySide6 import QtWidgets
+
+    from panel_rendering import PLACEHOLDERS, build_panel, render
+
+    app, panel = build_panel()
+    widgets = ui_widgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
+    assert used
+    for name in used:
+        qt_class = PLACEHOLDERS.get(widgets[name][0], widgets[name][0])
+        assert panel.findChild(getattr(QtWidgets, qt_class), name) is not None, name
+    render(str(tmp_path / "panel.png"))
+    assert (tmp_path / "panel.png").stat().st_size > 10_000
