@@ -73,3 +73,26 @@ def test_unknown_names_and_modules_without_shape():
         load_model("no-such-model", device="cpu")
     with pytest.raises(ValueError, match="must carry its input_shape"):
         load_model(torch.nn.Linear(2, 2), device="cpu")
+
+
+def test_a_shipped_model_downloads_into_the_cache_with_its_checksum(saved, tmp_path, monkeypatch):
+    from carlreg import registry
+
+    model, path = saved
+    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
+    shipped.mkdir()
+    card = {"architecture": ARCHITECTURE, "file": "remote.pt", "url": path.as_uri(), "sha256": sha256_of(path)}
+    (shipped / "remote.json").write_text(json.dumps(card))
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", shipped)
+    monkeypatch.setattr(registry, "CACHE_DIR", cache)
+    assert registry.available_models() == ["remote"]
+    loaded = load_model("remote", device="cpu")
+    assert (cache / "remote.pt").is_file() and not (shipped / "remote.pt").exists()
+    image = torch.rand(1, 1, 40, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(image, image), model.eval()(image, image))
+    (cache / "remote.pt").unlink()
+    (shipped / "remote.json").write_text(json.dumps(dict(card, sha256="0" * 64)))
+    with pytest.raises(ValueError, match="does not match its SHA256; nothing was kept"):
+        load_model("remote", device="cpu")
+    assert list(cache.iterdir()) == []

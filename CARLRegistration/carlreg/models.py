@@ -24,9 +24,9 @@ from torch import nn
 
 from .device import resolve_device
 from .network import CARLConfig, build_from_config
-from .registry import WEIGHTS_DIR, available_models, model_card, sha256_of
+from .registry import WEIGHTS_DIR, available_models, model_card, sha256_of, weights_path
 
-__all__ = ["WEIGHTS_DIR", "available_models", "model_card", "load_model", "sha256_of"]
+__all__ = ["WEIGHTS_DIR", "available_models", "model_card", "load_model", "sha256_of", "weights_path"]
 
 def _config_from_architecture(architecture: Dict, source: str) -> CARLConfig:
     try:
@@ -83,7 +83,7 @@ def load_model(name_or_path: Union[str, os.PathLike, nn.Module], device: Union[s
     path = Path(text)
     if not path.exists() and os.sep not in text and not text.endswith((".pt", ".pth")):
         card = model_card(text)
-        state = _load_file(WEIGHTS_DIR / card["file"], card.get("sha256", ""))
+        state = _load_file(weights_path(text), card.get("sha256", ""))
         config = _config_from_architecture(card["architecture"], f"model card {text}")
         return _build_and_load(config, state, f"model {text}").to(device).eval()
     if not path.is_file():

@@ -1,7 +1,9 @@
 """The registry of shipped models: names, model cards, checksums (no torch needed).
 
 A shipped model is ``<WEIGHTS_DIR>/<name>.pt`` beside its model card ``<name>.json``; the
-Slicer module lists them from its GUI process, where torch may not be installed yet.
+Slicer module lists them from its GUI process, where torch may not be installed yet. A card
+may instead give a ``url``: the weights are then downloaded on first use into a user cache
+folder (never the install folder), verified against the card's SHA256, and kept there.
 """
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-__all__ = ["WEIGHTS_DIR", "available_models", "model_card", "sha256_of"]
+__all__ = ["WEIGHTS_DIR", "CACHE_DIR", "available_models", "model_card", "weights_path", "sha256_of"]
 
 #: shipped models: ``$CARLREG_WEIGHTS`` or the repository's ``weights/`` folder
 WEIGHTS_DIR = Path(os.environ.get("CARLREG_WEIGHTS", Path(__file__).resolve().parents[2] / "weights"))
+#: downloaded weights: ``$CARLREG_CACHE`` or ``~/.cache/carlreg``
+CACHE_DIR = Path(os.environ.get("CARLREG_CACHE", Path.home() / ".cache" / "carlreg"))
 
 
 def sha256_of(path: Path) -> str:
@@ -33,7 +37,7 @@ def available_models() -> List[str]:
             info = json.loads(card.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if "architecture" in info and (WEIGHTS_DIR / info.get("file", "")).is_file():
+        if "architecture" in info and ((WEIGHTS_DIR / info.get("file", "")).is_file() or info.get("url")):
             names.append(card.stem)
     return names
 
@@ -46,3 +50,40 @@ def model_card(name: str) -> Dict:
     return json.loads(card.read_text())
 
 
+
+
+def weights_path(name: str) -> Path:
+    """The weights file of a shipped model: in ``WEIGHTS_DIR``, else downloaded into ``CACHE_DIR``.
+
+    Raises:
+        ValueError: unknown model, no file and no ``url``, or a download whose SHA256 differs
+            from the card's (nothing is kept then).
+    """
+    import tempfile
+    import urllib.request
+
+    card = model_card(name)
+    local = WEIGHTS_DIR / card["file"]
+    if local.is_file():
+        return local
+    if not card.get("url") or not card.get("sha256"):
+        raise ValueError(f"load_model(): the weights of {name!r} are missing and its card gives no url and sha256")
+    target = CACHE_DIR / card["file"]
+    if target.is_file() and sha256_of(target) == card["sha256"]:
+        return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=CACHE_DIR)
+    os.close(handle)
+    try:
+        with urllib.request.urlopen(card["url"]) as response, open(temporary, "wb") as out:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+        if sha256_of(Path(temporary)) != card["sha256"]:
+            raise ValueError(f"load_model(): the download of {name!r} does not match its SHA256; nothing was kept")
+        os.replace(temporary, target)
+    except OSError as err:
+        raise ValueError(f"load_model(): cannot download {name!r} from {card['url']}: {err}") from err
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
