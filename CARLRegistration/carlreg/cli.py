@@ -48,7 +48,7 @@ def _cancel_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, cancelled)
 
 
-def torch_cuda_available() -> bool:
+def _torch_cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -92,9 +92,6 @@ def _parse_value(text: str):
 
 def train_main(argv: Optional[List[str]] = None) -> int:
     """``carl-train [--config FILE] [--set KEY=VALUE ...] [--device D] [--progress P] [--max-steps N]``."""
-    from .device import resolve_device
-    from .train import TrainConfig, init_distributed_from_environment, train
-
     parser = argparse.ArgumentParser(prog="carl-train", description="Train a CARL network (resumes from OUTPUT/checkpoint.pt).")
     parser.add_argument("--config", help="JSON file of TrainConfig settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (JSON value)")
@@ -104,7 +101,12 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        values = json.loads(open(args.config).read()) if args.config else {}
+        from pathlib import Path
+
+        from .device import resolve_device
+        from .train import TrainConfig, init_distributed_from_environment, train
+
+        values = json.loads(Path(args.config).read_text()) if args.config else {}
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
@@ -113,7 +115,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         config = TrainConfig.from_dict(values)
         local_rank = init_distributed_from_environment()
         device = args.device
-        if local_rank is not None and device in ("auto", "cuda") and torch_cuda_available():
+        if local_rank is not None and device in ("auto", "cuda") and _torch_cuda_available():
             device = f"cuda:{local_rank}"
         train(config, resolve_device(device), progress_printer(args.progress), max_steps_this_run=args.max_steps)
 
