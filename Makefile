@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # The reference CARL implementation, used only as a test oracle (installed without its dependencies).
 REFERENCE ?= icon_registration==1.1.9
 
-.PHONY: test bench-forward clean
+.PHONY: test bench bench-forward bench-precision clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: $(VENV)/.installed
 	$(PY) -m pytest Testing
 
+# Benchmarks (not part of CI): results land in bench/results/.
+bench: bench-forward bench-precision
+
 bench-forward: $(VENV)/.installed
 	$(PY) bench/forward.py
+
+bench-precision: $(VENV)/.installed
+	$(PY) bench/precision.py | tee bench/results/precision.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info
