@@ -230,15 +230,19 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         return self._engine("registry").available_models()
 
     def availableDevices(self) -> List[str]:
-        devices = ["auto", "cpu"]
-        try:
-            import torch
+        """auto, then a GPU when one is present, then cpu.
 
-            if torch.cuda.is_available():
-                devices.insert(1, "cuda")
-        except ImportError:
-            pass
-        return devices
+        Judged without importing torch in the GUI process (slow, and it is the worker that
+        needs it): an NVIDIA driver's ``nvidia-smi``, or Apple silicon for MPS.
+        """
+        import platform
+
+        devices = ["auto"]
+        if shutil.which("nvidia-smi"):
+            devices.append("cuda")
+        if platform.system() == "Darwin" and platform.machine() == "arm64":
+            devices.append("mps")
+        return devices + ["cpu"]
 
     def pythonExecutable(self) -> str:
         """Slicer's PythonSlicer (same Python and packages as Slicer, without the GUI)."""

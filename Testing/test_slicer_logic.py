@@ -174,3 +174,14 @@ def test_the_worker_explains_a_numpy_2_import_failure():
     message = _import_problem(ImportError("numpy.core.multiarray failed to import"))
     assert "NumPy" in message and "newer PyTorch" in message
     assert "not installed" in _import_problem(ModuleNotFoundError("No module named 'torch'", name="torch"))
+
+
+def test_devices_are_listed_without_importing_torch_in_the_gui(monkeypatch):
+    import shutil as shutil_module
+
+    logic = module.CARLRegistrationLogic()
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)
+    assert logic.availableDevices()[0] == "auto" and logic.availableDevices()[-1] == "cpu"
+    assert "cuda" not in logic.availableDevices()
+    monkeypatch.setattr(shutil_module, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    assert "cuda" in logic.availableDevices()
