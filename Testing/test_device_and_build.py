@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from carlreg import build_carl
-from carlreg.device import bf16_supported, precision_context, resolve_device, resolve_precision
+from carlreg.device import bf16_supported, resolve_device, resolve_precision
 from carlreg.inference import predict_maps
 from conftest import REPO
 

@@ -11,10 +11,9 @@
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from carlreg.maps import DisplacementMap, Map, identity_map, sample
+from carlreg.maps import DisplacementMap, identity_map
 from carlreg.network import FeatureNet, FunctionFromVectorField, RegistrationModule, TwoStep, UNet
 from carlreg.network.attention import coordinate_attention
 

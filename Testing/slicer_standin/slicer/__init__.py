@@ -184,4 +184,4 @@ class _App:
 mrmlScene = _Scene()
 app = _App()
 
-from . import util  # noqa: E402  (util refers to the classes above)
+from . import util  # noqa: E402, F401  (util refers to the classes above)
