@@ -227,7 +227,8 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         return importlib.import_module(f"carlreg.{name}")
 
     def availableModels(self) -> List[str]:
-        return self._engine("registry").available_models()
+        """Shipped models for volumes (3-D); the 2-D ones serve the command line and benchmarks."""
+        return self._engine("registry").available_models(dimension=3)
 
     def availableDevices(self) -> List[str]:
         """auto, then a GPU when one is present, then cpu.
@@ -303,6 +304,8 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             computeInverse=parameters.computeInverse,
             computeJacobian=parameters.computeJacobian,
             movingLabels=parameters.movingLabels,
+            outputTransform=parameters.outputTransform,
+            outputVolume=parameters.outputVolume,
         )
 
     def start(
@@ -316,12 +319,23 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         computeInverse: bool = False,
         computeJacobian: bool = False,
         movingLabels=None,
+        outputTransform=None,
+        outputVolume=None,
     ) -> None:
-        """Write the inputs to a temporary folder and start the worker."""
+        """Write the inputs to a temporary folder and start the worker.
+
+        ``outputTransform`` / ``outputVolume``: existing nodes to receive the results (their
+        content is replaced, their name kept); None creates new nodes.
+        """
         if self.isRunning():
             raise RuntimeError("A registration is already running.")
         if movingVolume is None or fixedVolume is None:
             raise ValueError("Both a moving and a fixed volume are needed.")
+        if outputVolume is not None and outputVolume in (movingVolume, fixedVolume, movingLabels):
+            raise ValueError(
+                f"The output volume '{outputVolume.GetName()}' is an input of the registration: "
+                "choose another node or create a new one."
+            )
         self.folder = tempfile.mkdtemp(prefix="CARLRegistration-")
         self.metrics, self.lastError = {}, ""
         paths = {name: os.path.join(self.folder, name) for name in (
@@ -343,7 +357,10 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             if movingLabels is not None:
                 slicer.util.saveNode(movingLabels, paths["labels.nrrd"])
                 arguments += ["--moving-labels", paths["labels.nrrd"], "--out-warped-labels", paths["warped_labels.nrrd"]]
-            self._request = {"paths": paths, "moving": movingVolume, "fixed": fixedVolume, "labels": movingLabels}
+            self._request = {
+                "paths": paths, "moving": movingVolume, "fixed": fixedVolume, "labels": movingLabels,
+                "outputTransform": outputTransform, "outputVolume": outputVolume,
+            }
             self.job = self._engine("worker").WorkerJob(arguments, python=self.pythonExecutable()).start()
         except Exception:
             self._removeFolder()
@@ -389,32 +406,67 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
     # ---- results into the scene
 
     def _loadResults(self, parameters: Optional[CARLRegistrationParameterNode]) -> Dict:
+        """Load every result; only when all loaded, move them into the chosen output nodes.
+
+        A failure part-way removes what this call added, so the scene keeps no half-made result.
+        """
         import json
 
         paths, moving, fixed = self._request["paths"], self._request["moving"], self._request["fixed"]
         with open(paths["summary.json"]) as handle:
-            self.metrics = json.load(handle)
+            metrics = json.load(handle)
         created = {}
-        transform = slicer.util.loadTransform(paths["transform.h5"])
-        transform.SetName(slicer.mrmlScene.GenerateUniqueName(f"{moving.GetName()}_to_{fixed.GetName()}"))
+        try:
+            created["transform"] = slicer.util.loadTransform(paths["transform.h5"])
+            created["warped"] = slicer.util.loadVolume(paths["warped.nrrd"])
+            if os.path.exists(paths["inverse.h5"]):
+                created["inverse"] = slicer.util.loadTransform(paths["inverse.h5"])
+            if os.path.exists(paths["jacobian.nrrd"]):
+                created["jacobian"] = slicer.util.loadVolume(paths["jacobian.nrrd"])
+            if os.path.exists(paths["warped_labels.nrrd"]):
+                created["warpedLabels"] = slicer.util.loadLabelVolume(paths["warped_labels.nrrd"])
+        except Exception:
+            for node in created.values():
+                slicer.mrmlScene.RemoveNode(node)
+            raise
+        names = {
+            "transform": f"{moving.GetName()}_to_{fixed.GetName()}",
+            "warped": f"{moving.GetName()}_warped",
+            "inverse": f"{fixed.GetName()}_to_{moving.GetName()}",
+            "jacobian": f"{moving.GetName()}_jacobian",
+            "warpedLabels": f"{moving.GetName()}_labels_warped",
+        }
+        for key, node in created.items():
+            node.SetName(slicer.mrmlScene.GenerateUniqueName(names[key]))
+        created["transform"] = self._intoExisting(created["transform"], self._request["outputTransform"])
+        created["warped"] = self._intoExisting(created["warped"], self._request["outputVolume"])
+        transform = created["transform"]
         transform.AddNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), moving.GetID())
         transform.AddNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), fixed.GetID())
-        created["transform"] = transform
-        warped = slicer.util.loadVolume(paths["warped.nrrd"], {"name": slicer.mrmlScene.GenerateUniqueName(f"{moving.GetName()}_warped")})
-        created["warped"] = warped
-        if os.path.exists(paths["inverse.h5"]):
-            created["inverse"] = slicer.util.loadTransform(paths["inverse.h5"])
-        if os.path.exists(paths["jacobian.nrrd"]):
-            jacobian = slicer.util.loadVolume(paths["jacobian.nrrd"], {"name": f"{moving.GetName()}_jacobian"})
-            jacobian.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
-            created["jacobian"] = jacobian
-        if os.path.exists(paths["warped_labels.nrrd"]):
-            created["warpedLabels"] = slicer.util.loadLabelVolume(paths["warped_labels.nrrd"])
+        if "jacobian" in created:
+            created["jacobian"].CreateDefaultDisplayNodes()
+            created["jacobian"].GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+        self.metrics = metrics
         self._showResults(created, fixed)
         if parameters is not None:
             parameters.outputTransform = transform
-            parameters.outputVolume = warped
+            parameters.outputVolume = created["warped"]
         return dict(created, metrics=self.metrics)
+
+    @staticmethod
+    def _intoExisting(loaded, existing):
+        """``loaded``'s content moved into ``existing`` (which keeps its name), or ``loaded`` itself."""
+        if existing is None:
+            return loaded
+        if isinstance(existing, slicer.vtkMRMLTransformNode):
+            existing.SetAndObserveTransformFromParent(loaded.GetTransformFromParent())
+        else:
+            existing.SetAndObserveImageData(loaded.GetImageData())
+            ijkToRAS = vtk.vtkMatrix4x4()
+            loaded.GetIJKToRASMatrix(ijkToRAS)
+            existing.SetIJKToRASMatrix(ijkToRAS)
+        slicer.mrmlScene.RemoveNode(loaded)
+        return existing
 
     @staticmethod
     def _showResults(created: Dict, fixed) -> None:

@@ -85,7 +85,8 @@ def test_a_shipped_model_downloads_into_the_cache_with_its_checksum(saved, tmp_p
     (shipped / "remote.json").write_text(json.dumps(card))
     monkeypatch.setattr(registry, "WEIGHTS_DIR", shipped)
     monkeypatch.setattr(registry, "CACHE_DIR", cache)
-    assert registry.available_models() == ["remote"]
+    assert registry.available_models() == ["remote"] == registry.available_models(dimension=3)
+    assert registry.available_models(dimension=2) == []
     loaded = load_model("remote", device="cpu")
     assert (cache / "remote.pt").is_file() and not (shipped / "remote.pt").exists()
     image = torch.rand(1, 1, 40, 40, 40)

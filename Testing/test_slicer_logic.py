@@ -115,9 +115,59 @@ def test_registration_end_to_end_matches_the_engine(tmp_path, scene_pair, tiny_m
     scene_ras = slicer.util.arrayFromGridTransform(transform)
     assert np.abs(engine_ras).max() > 0.5  # a real deformation, not the identity
     assert np.abs(scene_ras - engine_ras).max() <= 0.1
-    origin_ras = np.array(transform.displacement.GetOrigin())
+    origin_ras = np.array(transform.GetTransformFromParent().GetDisplacementGrid().GetOrigin())
     fixed_origin_ras = np.array(slicer.util._ijk_to_ras(fixed))[:3, 3]
     assert np.allclose(origin_ras, fixed_origin_ras, atol=1e-4)
+
+
+def test_results_go_into_existing_output_nodes(scene_pair, tiny_model):
+    moving, fixed, _ = scene_pair
+    logic = module.CARLRegistrationLogic()
+    _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu")
+    fresh = logic.finish()
+    transform = slicer.mrmlScene.AddNode(slicer.vtkMRMLGridTransformNode())
+    transform.SetName("my transform")
+    volume = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6), np.float32), name="my warped")
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu",
+         outputTransform=transform, outputVolume=volume)
+    reused = logic.finish()
+    assert reused["transform"] is transform and reused["warped"] is volume
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes  # nothing new: the loaded results moved into them
+    assert (transform.GetName(), volume.GetName()) == ("my transform", "my warped")
+    assert np.array_equal(slicer.util.arrayFromGridTransform(transform), slicer.util.arrayFromGridTransform(fresh["transform"]))
+    assert np.array_equal(slicer.util.arrayFromVolume(volume), slicer.util.arrayFromVolume(fresh["warped"]))
+    assert np.allclose(slicer.util._ijk_to_ras(volume), slicer.util._ijk_to_ras(fixed), atol=1e-6)
+    assert transform.GetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()) == moving.GetID()
+
+
+def test_an_input_chosen_as_output_is_refused_before_anything_runs(scene_pair, tiny_model):
+    moving, fixed, _ = scene_pair
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    before = _snapshot(moving)
+    logic = module.CARLRegistrationLogic()
+    with pytest.raises(ValueError, match="The output volume '.*' is an input of the registration"):
+        logic.start(movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), outputVolume=moving)
+    assert logic.job is None and logic.folder is None
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes
+    assert np.array_equal(_snapshot(moving)[0], before[0])
+
+
+def test_a_result_that_fails_to_load_leaves_no_half_made_nodes(scene_pair, tiny_model, monkeypatch):
+    moving, fixed, _ = scene_pair
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    logic = module.CARLRegistrationLogic()
+    work_folder, _ = _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu",
+                          computeJacobian=True)
+
+    def failing_load(filename, properties=None, returnNode=False):
+        raise RuntimeError(f"Failed to load {filename}")
+
+    monkeypatch.setattr(slicer.util, "loadVolume", failing_load)
+    with pytest.raises(RuntimeError, match="Failed to load"):
+        logic.finish()
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes  # the transform loaded first was removed again
+    assert not os.path.exists(work_folder)
 
 
 def test_cancel_stops_the_worker_and_leaves_the_scene_as_it_was(scene_pair, tiny_model):

@@ -34,6 +34,14 @@ def test_synthseg_pairs_are_random_contrast_images_of_two_subjects():
     assert torch.equal(again.moving, batch.moving)
     # brain structures (labels below 100) are inside the box
     assert int(((batch.fixed_labels > 0) & (batch.fixed_labels < 100)).sum()) > 1000
+    # the two images of a pair share their contrast (LNCC can only align related contrasts):
+    # the median intensity of each structure agrees between them, across structures
+    for i in range(2):
+        shared = [int(v) for v in torch.unique(batch.fixed_labels[i]) if int((batch.moving_labels[i] == v).sum()) > 200
+                  and int((batch.fixed_labels[i] == v).sum()) > 200]
+        medians = torch.tensor([[float(image[i][labels[i] == v].median()) for v in shared]
+                                for image, labels in ((batch.moving, batch.moving_labels), (batch.fixed, batch.fixed_labels))])
+        assert len(shared) > 10 and float(torch.corrcoef(medians)[0, 1]) > 0.8
 
 
 def test_resumed_run_continues_exactly(tmp_path):

@@ -8,7 +8,10 @@ reoriented to RAS, resampled (nearest) onto a box of the training shape around i
 kept as a label tensor. Every step draws a moving and a fixed subject, translates each
 independently by a random number of voxels, and synthesises an image from each: a random
 intensity per label, a Gaussian blur, a smooth multiplicative bias field and noise, rescaled to
-[0, 1], so that the network does not learn one MR contrast.
+[0, 1], so that the network does not learn one MR contrast. The two images of a pair share their
+intensity per label (blur, bias and noise are drawn for each): training is unsupervised with
+LNCC, which rewards alignment only where the two contrasts are related (SynthMorph, which draws
+them independently, trains on label overlap instead).
 
 All randomness of a step comes from a generator seeded by ``(seed, step)``, so that a run
 resumed from a checkpoint draws exactly the batches the uninterrupted run would have drawn.
@@ -32,6 +35,7 @@ __all__ = [
     "BRAIN_LABEL_LIMIT",
     "LabelPair",
     "load_label_map",
+    "random_contrast",
     "synthesize_image",
     "SynthSegSource",
     "PairsSource",
@@ -77,10 +81,16 @@ def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> tor
     return torch.from_numpy(sitk.GetArrayFromImage(resampled).astype(np.int64))
 
 
-def synthesize_image(labels: torch.Tensor, generator: torch.Generator, max_label: int) -> torch.Tensor:
-    """A random-contrast ``(1, 1, *shape)`` image in [0, 1] from an integer label tensor ``(*shape)``."""
+def random_contrast(max_label: int, generator: torch.Generator) -> torch.Tensor:
+    """``(max_label + 1,)`` random intensities in [0, 1], one per label; the background (0) dark."""
     intensities = torch.rand(max_label + 1, generator=generator)
     intensities[0] = torch.rand(1, generator=generator) * 0.2
+    return intensities
+
+
+def synthesize_image(labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor) -> torch.Tensor:
+    """A ``(1, 1, *shape)`` image in [0, 1] from an integer label tensor ``(*shape)``: the
+    label's intensity (:func:`random_contrast`), then a random blur, bias field and noise."""
     image = intensities[labels][None, None].float()
     # σ of 0.5, 1 or 1.5 voxels: odd kernels (4σ + 1 taps), so the blur does not shift the image
     image = gaussian_blur(image, 0.5 * int(torch.randint(1, 4, (1,), generator=generator)))
@@ -128,18 +138,22 @@ class SynthSegSource:
         self.labels: List[torch.Tensor] = [load_label_map(p, self.shape, spacing_mm) for p in paths]
         self.max_label = int(max(int(t.max()) for t in self.labels))
 
-    def _image(self, labels: torch.Tensor, generator: torch.Generator):
+    def _image(self, labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor):
         if self.max_shift:
             shift = torch.randint(-self.max_shift, self.max_shift + 1, (3,), generator=generator).tolist()
             labels = _translate(labels, shift)
-        return synthesize_image(labels, generator, self.max_label), labels[None, None]
+        return synthesize_image(labels, generator, intensities), labels[None, None]
 
     def batch(self, batch_size: int, generator: torch.Generator) -> LabelPair:
-        """``batch_size`` pairs of two different subjects, drawn with ``generator``."""
+        """``batch_size`` pairs of two different subjects with a shared random contrast, drawn with ``generator``."""
         parts = []
         for _ in range(batch_size):
             first, second = torch.randperm(len(self.labels), generator=generator)[:2].tolist()
-            parts.append(self._image(self.labels[first], generator) + self._image(self.labels[second], generator))
+            intensities = random_contrast(self.max_label, generator)
+            parts.append(
+                self._image(self.labels[first], generator, intensities)
+                + self._image(self.labels[second], generator, intensities)
+            )
         moving, moving_labels, fixed, fixed_labels = (torch.cat(t) for t in zip(*parts))
         return LabelPair(moving, fixed, moving_labels, fixed_labels)
 

@@ -5,7 +5,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-__all__ = ["dice_per_label", "mean_dice"]
+__all__ = ["dice_per_label", "mean_dice", "folding_percent"]
 
 
 def dice_per_label(
@@ -35,3 +35,25 @@ def mean_dice(labels_a: torch.Tensor, labels_b: torch.Tensor, below: Optional[in
     values = [int(v) for v in torch.unique(labels_b) if v != 0 and (below is None or v < below)]
     scores = dice_per_label(labels_a, labels_b, values)
     return sum(scores.values()) / len(scores) if scores else float("nan")
+
+
+def folding_percent(phi: torch.Tensor) -> float:
+    """Percentage of grid points where a map folds (det ∂φ/∂x ≤ 0).
+
+    ``phi``: ``(1, D, *S)`` map, unit frame (:mod:`carlreg.maps`), on its own grid of shape ``S``.
+    The determinant is :func:`carlreg.geometry.jacobian_determinant`'s, in voxel units.
+    """
+    import SimpleITK as sitk
+
+    from .geometry import jacobian_determinant
+    from .maps import identity_map
+
+    if phi.dim() not in (4, 5) or phi.shape[0] != 1 or phi.shape[1] != phi.dim() - 2:
+        raise ValueError(f"folding_percent(): expected one (1, D, *S) map, got shape {tuple(phi.shape)}")
+    shape = phi.shape[2:]
+    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float64).view(-1, *([1] * len(shape)))
+    voxels = (phi[0].double().cpu() - identity_map(shape, dtype=torch.float64)[0]) * scale
+    # SimpleITK vectors are (x, y, z): the tensor's channels reversed, in a grid of unit spacing
+    field = sitk.GetImageFromArray(voxels.flip(0).movedim(0, -1).numpy(), isVector=True)
+    determinant = sitk.GetArrayFromImage(jacobian_determinant(field))
+    return 100.0 * float((determinant <= 0).mean())

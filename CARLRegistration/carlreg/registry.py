@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 __all__ = ["WEIGHTS_DIR", "CACHE_DIR", "available_models", "model_card", "weights_path", "sha256_of"]
 
@@ -29,15 +29,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def available_models() -> List[str]:
-    """Names of the shipped models (cards in ``WEIGHTS_DIR`` with their weights file present)."""
+def available_models(dimension: Optional[int] = None) -> List[str]:
+    """Names of the shipped models (cards in ``WEIGHTS_DIR`` with their weights file present or a
+    url), optionally only those for images of ``dimension`` (2 or 3)."""
     names = []
     for card in sorted(WEIGHTS_DIR.glob("*.json")):
         try:
             info = json.loads(card.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if "architecture" in info and ((WEIGHTS_DIR / info.get("file", "")).is_file() or info.get("url")):
+        if not isinstance(info, dict) or not isinstance(info.get("architecture"), dict):
+            continue
+        if dimension is not None and info["architecture"].get("dimension") != dimension:
+            continue
+        if (WEIGHTS_DIR / info.get("file", "")).is_file() or info.get("url"):
             names.append(card.stem)
     return names
 
@@ -48,8 +53,6 @@ def model_card(name: str) -> Dict:
     if not card.is_file():
         raise ValueError(f"load_model(): no model named {name!r}; shipped models: {available_models() or 'none'}")
     return json.loads(card.read_text())
-
-
 
 
 def weights_path(name: str) -> Path:

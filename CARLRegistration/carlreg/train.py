@@ -36,6 +36,7 @@ from .maps import sample
 from .metrics import mean_dice
 from .network import build_carl
 from .progress import CancelCheck, ProgressCallback, StageReporter
+from .retina import DriveSource
 
 __all__ = ["TrainConfig", "PhaseObjective", "train", "load_checkpoint", "plot_log", "init_distributed_from_environment"]
 
@@ -46,9 +47,12 @@ CHECKPOINT = "checkpoint.pt"
 class TrainConfig:
     """One training run. ``input_shape`` is in tensor order (z, y, x)."""
 
+    #: synthseg3d (3-D brains), drive2d (the paper's 2-D retina experiment) or pairs (a CSV)
     data: str = "synthseg3d"
-    #: synthseg3d: the label maps' folder; pairs: the CSV of training pairs
+    #: synthseg3d: the label maps' folder; drive2d: the DRIVE folder; pairs: the CSV of training pairs
     data_folder: str = "../shared/data/synthseg_label_maps"
+    #: drive2d: the training variant (baseline, shift or scale_shift; see carlreg.retina)
+    retina_variant: str = "baseline"
     #: pairs: the CSV of validation pairs (with label maps), or "" for none
     validation_csv: str = ""
     #: pairs: intensity normalisation (see carlreg.preprocess)
@@ -124,8 +128,13 @@ def _make_source(config: TrainConfig, split: str):
     if config.data == "pairs":
         path = config.data_folder if split == "train" else config.validation_csv
         return PairsSource(Path(path), config.input_shape, config.modality) if path else None
+    if config.data == "drive2d":
+        if tuple(config.input_shape) != DriveSource.shape:
+            raise ValueError(f"train(): drive2d images are {list(DriveSource.shape)}, input_shape is {list(config.input_shape)}")
+        # the retina protocol has no validation images: validation draws fixed warps of training images
+        return DriveSource(Path(config.data_folder), "train", config.retina_variant)
     if config.data != "synthseg3d":
-        raise ValueError(f"train(): data source must be 'synthseg3d' or 'pairs', got {config.data!r}")
+        raise ValueError(f"train(): data source must be 'synthseg3d', 'drive2d' or 'pairs', got {config.data!r}")
     max_shift = config.max_shift if split == "train" else 0
     return SynthSegSource(Path(config.data_folder), split, config.input_shape, config.spacing_mm, max_shift)
 
@@ -166,7 +175,7 @@ def train(
     output = Path(config.output)
     torch.manual_seed(config.seed)
     model = build_carl(
-        3, config.input_shape, config.variant, config.fourth_step, config.width, config.first_step
+        len(config.input_shape), config.input_shape, config.variant, config.fourth_step, config.width, config.first_step
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start = 0
@@ -252,7 +261,7 @@ def plot_log(log_path: Path, png_path: Path) -> bool:
         dice.plot([r["step"] for r in validated], [r["val_dice_before"] for r in validated], "--", label="before")
         dice.legend()
     dice.set_xlabel("step")
-    dice.set_title("validation Dice (brain structures)")
+    dice.set_title("validation Dice")
     figure.tight_layout()
     with atomic_outputs() as reserve:
         figure.savefig(reserve(png_path), format="png", dpi=80)

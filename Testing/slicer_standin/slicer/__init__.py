@@ -108,10 +108,42 @@ class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
     """Mirrors vtkMRMLLabelMapVolumeNode."""
 
 
+class vtkOrientedGridTransform:
+    """Mirrors Libs/vtkAddon/vtkOrientedGridTransform: a displacement grid (vtkImageData, 3
+    components, RAS millimetres) and the grid's direction matrix (RAS)."""
+
+    def __init__(self) -> None:
+        self._grid = vtk.vtkImageData()
+        self._direction = vtk.vtkMatrix4x4()
+
+    def SetDisplacementGridData(self, image: vtk.vtkImageData) -> None:
+        self._grid = image
+
+    def GetDisplacementGrid(self) -> vtk.vtkImageData:
+        return self._grid
+
+    def SetGridDirectionMatrix(self, matrix: vtk.vtkMatrix4x4) -> None:
+        self._direction = matrix
+
+    def GetGridDirectionMatrix(self) -> vtk.vtkMatrix4x4:
+        return self._direction
+
+
 class vtkMRMLTransformNode(vtkMRMLNode):
-    """Mirrors Libs/MRML/Core/vtkMRMLTransformNode.cxx (the registration reference roles)."""
+    """Mirrors Libs/MRML/Core/vtkMRMLTransformNode.cxx (the registration reference roles, the
+    from-parent transform)."""
 
     display_class = vtkMRMLTransformDisplayNode
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._from_parent = None
+
+    def GetTransformFromParent(self):
+        return self._from_parent
+
+    def SetAndObserveTransformFromParent(self, transform) -> None:
+        self._from_parent = transform
 
     @staticmethod
     def GetMovingNodeReferenceRole() -> str:
@@ -123,16 +155,11 @@ class vtkMRMLTransformNode(vtkMRMLNode):
 
 
 class vtkMRMLGridTransformNode(vtkMRMLTransformNode):
-    """Mirrors vtkMRMLGridTransformNode holding a vtkOrientedGridTransform (from parent).
-
-    ``displacement`` is the grid's vtkImageData (3 components, RAS millimetres) and
-    ``grid_direction`` its direction matrix (RAS), as Slicer's grid transforms store them.
-    """
+    """Mirrors vtkMRMLGridTransformNode: a vtkOrientedGridTransform as its from-parent transform."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.displacement = vtk.vtkImageData()
-        self.grid_direction = vtk.vtkMatrix4x4()
+        self._from_parent = vtkOrientedGridTransform()
 
 
 class _Scene:

@@ -120,17 +120,19 @@ def loadTransform(filename: str, returnNode: bool = False):
     image.SetOrigin(*(FLIP @ np.array(field.GetOrigin())).tolist())
     scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(vectors_ras.reshape(-1, 3)), deep=True)
     image.GetPointData().SetScalars(scalars)
-    node.displacement = image
+    grid = slicer.vtkOrientedGridTransform()
+    grid.SetDisplacementGridData(image)
     direction = np.eye(4)
     direction[:3, :3] = FLIP @ np.array(field.GetDirection()).reshape(3, 3)
-    node.grid_direction = _matrix(direction)
+    grid.SetGridDirectionMatrix(_matrix(direction))
+    node.SetAndObserveTransformFromParent(grid)
     node.SetName(slicer.mrmlScene.GenerateUniqueName(_stem(filename)))
     return slicer.mrmlScene.AddNode(node)
 
 
 def arrayFromGridTransform(node) -> np.ndarray:
     """(K, J, I, 3) displacement vectors, RAS millimetres."""
-    image = node.displacement
+    image = node.GetTransformFromParent().GetDisplacementGrid()
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     return scalars.reshape(image.GetDimensions()[::-1] + (3,)).copy()
 

@@ -1,0 +1,158 @@
+"""Ship a trained model: its weights and model card (JSON and Markdown) in weights/.
+
+The weights are the run's ``model.pt`` (a state_dict); the card takes the architecture and
+training settings from the run's ``config.json``, the wall-clock time from its ``log.jsonl``,
+and the metrics from the JSON a bench script wrote by evaluating these shipped weights (it
+records their SHA256; rerunning the script reproduces the card). So shipping takes two passes:
+ship (card without metrics), run the bench script, ship again. All three files are written
+under temporary names and renamed together.
+
+Usage: python weights/ship.py NAME [--run weights/training/NAME] [--metrics bench/results/X.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "CARLRegistration"))
+
+from carlreg.io import atomic_outputs  # noqa: E402
+from carlreg.registry import sha256_of  # noqa: E402
+
+RETINA_INPUT = (
+    "a 2-D retina vessel map in [0, 1] (1 = field of view away from vessels): the 584 × 565 DRIVE "
+    "segmentation on a canvas padded with 200 rows at the bottom, average-pooled by 4 to 196 × 141 "
+    "(carlreg.retina)"
+)
+#: what the run's config does not say: purpose, input, and which bench result holds the metrics
+MODELS = {
+    "carl-retina-2d": {
+        "title": "CARL for the paper's 2-D retina experiment (§6.1)",
+        "modality": "retina vessel map (2-D)",
+        "preprocessing": RETINA_INPUT,
+        "metrics_file": "bench/results/retina.json",
+        "metrics_method": "CARL",
+        "use": "research: reproduces the paper's Fig. 3 finding; not for clinical images",
+    },
+    "unet-retina-2d": {
+        "title": "Displacement-only network (the paper's variant 1: a U-Net first step), retina experiment",
+        "modality": "retina vessel map (2-D)",
+        "preprocessing": RETINA_INPUT,
+        "metrics_file": "bench/results/retina.json",
+        "metrics_method": "displacement-only",
+        "use": "research: the baseline CARL is compared with; not for clinical images",
+    },
+}
+
+
+def wall_clock_hours(log: Path) -> float:
+    """Sum of the per-step times of a training log."""
+    return sum(json.loads(line).get("seconds", 0.0) for line in log.read_text().splitlines() if line.strip()) / 3600
+
+
+def card_for(name: str, run: Path, metrics_path: Path) -> dict:
+    info = MODELS[name]
+    config = json.loads((run / "config.json").read_text())
+    checkpoint_log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    sha256 = sha256_of(run / "model.pt")
+    card_metrics = {"source": f"pending: ship, run python bench/{metrics_path.stem}.py, ship again"}
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        method = info["metrics_method"]
+        if metrics["models"].get(method) == name and metrics["weights_sha256"].get(method) == sha256:
+            card_metrics = {
+                "source": f"{metrics_path.relative_to(REPO)} (rerun: python bench/{metrics_path.stem}.py)",
+                "test_pairs": metrics["summary"][method],
+                "no_registration": metrics["summary"]["none"],
+            }
+    return {
+        "name": name,
+        "title": info["title"],
+        "file": f"{name}.pt",
+        "sha256": sha256,
+        "architecture": {
+            "dimension": len(config["input_shape"]),
+            "input_shape": config["input_shape"],
+            "variant": config["variant"],
+            "fourth_step": config["fourth_step"],
+            "width": config["width"],
+            "first_step": config["first_step"],
+        },
+        "modality": info["modality"],
+        "preprocessing": info["preprocessing"],
+        "training": {
+            "data": config["data"],
+            "retina_variant": config.get("retina_variant") if config["data"] == "drive2d" else None,
+            "steps": checkpoint_log[-1]["step"],
+            "diffusion_steps": config["diffusion_steps"],
+            "batch_size": config["batch_size"],
+            "learning_rate": config["learning_rate"],
+            "lambda": config["lmbda"],
+            "lncc_sigma": config["sigma"],
+            "seed": config["seed"],
+            "config": f"weights/training/{name}.json",
+            "wall_clock_hours": round(wall_clock_hours(run / "log.jsonl"), 2),
+            "hardware": "2 CPU cores (x86-64, AVX-512), no GPU",
+        },
+        "metrics": card_metrics,
+        "use": info["use"],
+        "license": "Apache-2.0 (weights); trained on DRIVE, released for research use" if config["data"] == "drive2d" else "Apache-2.0",
+    }
+
+
+def markdown(card: dict) -> str:
+    architecture, training = card["architecture"], card["training"]
+    lines = [
+        f"# {card['name']}: {card['title']}",
+        "",
+        f"- File: `{card['file']}` (state_dict; `torch.load(path, weights_only=True)`), SHA256 `{card['sha256']}`",
+        f"- Architecture: CARL `{architecture['variant']}`, first step `{architecture['first_step']}`, "
+        f"fourth step {'yes' if architecture['fourth_step'] else 'no'}, width {architecture['width']}, "
+        f"{architecture['dimension']}-D input {' × '.join(map(str, architecture['input_shape']))}",
+        f"- Modality: {card['modality']}",
+        f"- Input: {card['preprocessing']}",
+        f"- Training: `{training['data']}`{' (' + training['retina_variant'] + ')' if training['retina_variant'] else ''}, "
+        f"{training['steps']} steps ({training['diffusion_steps']} diffusion warm-up, then GradICON), batch "
+        f"{training['batch_size']}, Adam lr {training['learning_rate']}, λ {training['lambda']}, LNCC σ {training['lncc_sigma']}, "
+        f"seed {training['seed']}; config `{training['config']}`",
+        f"- Wall-clock training time: {training['wall_clock_hours']} h on {training['hardware']}",
+        f"- Use: {card['use']}",
+        f"- Licence: {card['license']}",
+        "",
+        f"## Metrics on untouched test pairs ({card['metrics']['source']})",
+        "",
+        "| test set | pairs | Dice before | Dice after (mean ± sd) | folding % |",
+        "|---|---|---|---|---|",
+    ]
+    for test_set, figures in card["metrics"].get("test_pairs", {}).items():
+        before = card["metrics"]["no_registration"][test_set]["dice"]
+        lines.append(
+            f"| {test_set} | {figures['pairs']} | {before:.3f} | {figures['dice']:.3f} ± {figures['dice_sd']:.3f} "
+            f"| {figures['folding_percent']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(MODELS))
+    parser.add_argument("--run", type=Path, help="training run folder (default weights/training/NAME)")
+    parser.add_argument("--metrics", type=Path, help="bench result JSON (default: the model's)")
+    args = parser.parse_args(argv)
+    run = args.run or REPO / "weights" / "training" / args.name
+    metrics = (args.metrics or REPO / MODELS[args.name]["metrics_file"]).resolve()
+    card = card_for(args.name, run, metrics)
+    target = REPO / "weights"
+    with atomic_outputs() as reserve:
+        shutil.copyfile(run / "model.pt", reserve(target / card["file"]))
+        reserve(target / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
+        reserve(target / f"{args.name}.md").write_text(markdown(card))
+    print(f"shipped {args.name}: {target / card['file']} ({card['sha256'][:12]}…), card {args.name}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
