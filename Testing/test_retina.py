@@ -46,11 +46,12 @@ def test_pairs_are_pooled_canvases_with_consistent_labels(test_images):
     assert torch.equal(again.fixed, pairs.fixed)
 
 
-@pytest.mark.parametrize("variant, rows", [("baseline", 0), ("shift", 50)])
-def test_without_warps_the_variants_are_exact_shifts(monkeypatch, test_images, variant, rows):
+@pytest.mark.parametrize("variant, shift_rows, rows", [("baseline", None, 0), ("shift", None, 50), ("baseline", 80, 20)])
+def test_without_warps_the_variants_are_exact_shifts(monkeypatch, test_images, variant, shift_rows, rows):
     monkeypatch.setattr(retina, "ELASTIC_WARPS", ((3, 0.0), (6, 0.0)))
     segmentation = test_images.segmentations[1]
-    moving, fixed, moving_labels, fixed_labels = make_pair(segmentation, variant, True, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    moving, fixed, moving_labels, fixed_labels = make_pair(segmentation, variant, True, generator, shift_rows)
     assert torch.allclose(fixed[:, rows:], moving[:, : 196 - rows], atol=1e-5)
     assert torch.equal(fixed_labels[:, rows:], moving_labels[:, : 196 - rows])
 
@@ -64,9 +65,11 @@ def test_scale_shift_shrinks_the_retina(monkeypatch, test_images):
     assert int(rows_with_retina.min()) > 50
 
 
-def test_bad_variant_is_refused(test_images):
+def test_bad_variant_and_shift_are_refused(test_images):
     with pytest.raises(ValueError, match="variant must be one of"):
         make_pair(test_images.segmentations[0], "rotate", False, torch.Generator())
+    with pytest.raises(ValueError, match="shift_rows must be within \\[0, 200\\], got 240"):
+        make_pair(test_images.segmentations[0], "baseline", False, torch.Generator(), 240)
 
 
 def test_training_a_2d_model_on_drive2d(tmp_path):

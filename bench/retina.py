@@ -6,7 +6,9 @@ paper's variant 1: the same refinement steps with a U-Net first step). Each is e
 3 test images (DRIVE 21–23, unflipped and flipped, 10 fixed warps each: 60 pairs) for the
 Baseline, Shift and Scale Shift variants — the same warps in every variant. Figures: mean vessel
 Dice (moving vessel labels warped with nearest neighbour vs the fixed labels) before and after
-registration, and the percentage of folding pixels (det J ≤ 0) of the maps.
+registration, and the percentage of folding pixels (det J ≤ 0) of the maps. Then the
+translation sweep (the paper's Fig. 4, in 2-D): the same pairs with the fixed image shifted down
+by 0, 10, …, 50 pixels.
 
 Usage: python bench/retina.py [--carl NAME_OR_FILE] [--unet NAME_OR_FILE] [--warps 10]
 Writes bench/results/retina.{txt,csv,json,png}.
@@ -30,10 +32,12 @@ sys.path.insert(0, str(REPO / "CARLRegistration"))
 from carlreg.maps import sample  # noqa: E402
 from carlreg.metrics import folding_percent, mean_dice  # noqa: E402
 from carlreg.models import available_models, load_model, model_card  # noqa: E402
-from carlreg.retina import RETINA_VARIANTS, DriveSource  # noqa: E402
+from carlreg.retina import POOL, RETINA_VARIANTS, DriveSource  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DRIVE = REPO.parent / "shared" / "data" / "drive"
+#: downward shifts of the fixed image in the sweep, pooled pixels (50 = the Shift variant)
+SWEEP_SHIFTS = (0, 10, 20, 30, 40, 50)
 
 
 @torch.no_grad()
@@ -55,6 +59,27 @@ def evaluate(models: dict, warps: int, folder: Path = DRIVE) -> list:
     return rows
 
 
+@torch.no_grad()
+def sweep(models: dict, warps: int, folder: Path = DRIVE) -> dict:
+    """Mean Dice against the fixed image's downward shift (pooled pixels), Baseline warps:
+    ``{method: {shift: dice}}`` (the paper's Fig. 4, in 2-D)."""
+    source = DriveSource(folder, "test", "baseline")
+    result: dict = {method: {} for method in ["none", *models]}
+    for shift in SWEEP_SHIFTS:
+        pairs = source.fixed_set(warps, shift_rows=shift * POOL)
+        scores: dict = {method: [] for method in result}
+        for index in range(len(pairs.moving)):
+            moving, fixed = pairs.moving[index : index + 1], pairs.fixed[index : index + 1]
+            moving_labels, fixed_labels = pairs.moving_labels[index : index + 1], pairs.fixed_labels[index : index + 1]
+            scores["none"].append(mean_dice(moving_labels, fixed_labels))
+            for method, model in models.items():
+                warped = sample(moving_labels.float(), model(moving, fixed), mode="nearest").round().long()
+                scores[method].append(mean_dice(warped, fixed_labels))
+        for method, values in scores.items():
+            result[method][shift] = statistics.mean(values)
+    return result
+
+
 def summarise(rows: list) -> dict:
     """``{method: {variant: {"dice": mean, "dice_sd": sd, "folding_percent": mean}}}``."""
     summary: dict = {}
@@ -74,7 +99,7 @@ def summarise(rows: list) -> dict:
     }
 
 
-def plot(summary: dict, models: dict, path: Path) -> None:
+def plot(summary: dict, shifts: dict, models: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,9 +110,17 @@ def plot(summary: dict, models: dict, path: Path) -> None:
     with torch.no_grad():
         for method, model in models.items():
             panels.append((f"warped: {method}", sample(pair.moving[:1], model(pair.moving[:1], pair.fixed[:1]))[0, 0]))
-    columns = 2 + len(panels)
-    figure = plt.figure(figsize=(3 * columns, 4.6))
+    columns = 4 + len(panels)
+    figure = plt.figure(figsize=(2.6 * columns, 4.6))
     bars = figure.add_subplot(1, columns, (1, 2))
+    curves = figure.add_subplot(1, columns, (3, 4))
+    for method, values in shifts.items():
+        curves.plot(list(values), list(values.values()), "o-", label=method)
+    curves.set_xlabel("downward shift of the fixed image (pixels)")
+    curves.set_ylabel("mean vessel Dice")
+    curves.set_ylim(0, 1)
+    curves.set_title("translation sweep")
+    curves.legend(fontsize=8)
     methods = list(summary)
     width = 0.8 / len(methods)
     for k, method in enumerate(methods):
@@ -101,7 +134,7 @@ def plot(summary: dict, models: dict, path: Path) -> None:
     bars.legend(loc="upper right", fontsize=8)
     bars.set_title("trained on Baseline")
     for k, (title, image) in enumerate(panels):
-        axis = figure.add_subplot(1, columns, 3 + k)
+        axis = figure.add_subplot(1, columns, 5 + k)
         axis.imshow(image, cmap="gray", vmin=0, vmax=1)
         axis.set_title(title, fontsize=9)
         axis.axis("off")
@@ -120,6 +153,7 @@ def main(argv=None) -> None:
     models = {"CARL": load_model(args.carl, "cpu"), "displacement-only": load_model(args.unet, "cpu")}
     rows = evaluate(models, args.warps)
     summary = summarise(rows)
+    shifts = sweep(models, args.warps)
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = (f"# bench/retina.py, {datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, "
               f"torch {torch.__version__}; models: CARL={args.carl}, displacement-only={args.unet}")
@@ -127,6 +161,10 @@ def main(argv=None) -> None:
     for method, variants in summary.items():
         for variant, figures in variants.items():
             lines.append(f"{method:<18} {variant:<12} {figures['dice']:9.3f} {figures['dice_sd']:6.3f} {figures['folding_percent']:9.3f}")
+    lines.append("translation sweep (Baseline warps, fixed image shifted down; mean Dice)")
+    lines.append(f"{'method':<18} " + " ".join(f"{shift:>6} px" for shift in SWEEP_SHIFTS))
+    for method, values in shifts.items():
+        lines.append(f"{method:<18} " + " ".join(f"{values[shift]:9.3f}" for shift in SWEEP_SHIFTS))
     text = "\n".join(lines)
     print(text)
     (RESULTS / "retina.txt").write_text(text + "\n")
@@ -142,8 +180,9 @@ def main(argv=None) -> None:
         "date": str(datetime.date.today()),
         "warps_per_image": args.warps,
         "summary": summary,
+        "translation_sweep": shifts,
     }, indent=2))
-    plot(summary, models, RESULTS / "retina.png")
+    plot(summary, shifts, models, RESULTS / "retina.png")
 
 
 if __name__ == "__main__":

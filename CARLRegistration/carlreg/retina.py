@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -100,12 +100,24 @@ def _pool(full: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_pair(
-    segmentation: torch.Tensor, variant: str, flip: bool, generator: torch.Generator
+    segmentation: torch.Tensor,
+    variant: str,
+    flip: bool,
+    generator: torch.Generator,
+    shift_rows: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pair from a ``(2, 584, 565)`` segmentation: moving and fixed ``(1, 196, 141)``
-    images and their vessel labels, the fixed one drawn with ``generator``."""
+    images and their vessel labels, the fixed one drawn with ``generator``.
+
+    ``shift_rows`` (full-resolution rows, 0 to 200) overrides the variant's shift of the fixed
+    image: a translation sweep (the paper's Fig. 4) from Baseline (0) to Shift (200).
+    """
     if variant not in RETINA_VARIANTS:
         raise ValueError(f"make_pair(): variant must be one of {RETINA_VARIANTS}, got {variant!r}")
+    if shift_rows is None:
+        shift_rows = 0 if variant == "baseline" else PAD_ROWS
+    if not 0 <= shift_rows <= PAD_ROWS:
+        raise ValueError(f"make_pair(): shift_rows must be within [0, {PAD_ROWS}], got {shift_rows}")
     if flip:
         segmentation = segmentation.flip(-1)
     canvas = (ORIGINAL_SHAPE[0] + PAD_ROWS, ORIGINAL_SHAPE[1])
@@ -116,8 +128,7 @@ def make_pair(
     warps = [_elastic_displacement(canvas, points, sigma, generator) for points, sigma in ELASTIC_WARPS]
     for displacement in reversed(warps):
         positions = positions + _sample_pixels(displacement, positions)
-    if variant != "baseline":
-        positions = positions - torch.tensor([float(PAD_ROWS), 0.0])[:, None, None]
+    positions = positions - torch.tensor([float(shift_rows), 0.0])[:, None, None]
     if variant == "scale_shift":
         centre = torch.tensor([(n - 1) / 2 for n in ORIGINAL_SHAPE])[:, None, None]
         positions = centre + (positions - centre) / SCALE
@@ -158,13 +169,13 @@ class DriveSource:
             parts.append(make_pair(self.segmentations[index], self.variant, flip, generator))
         return LabelPair(*(torch.stack(t) for t in zip(*parts)))
 
-    def fixed_set(self, warps_per_image: int, seed: int = 0) -> LabelPair:
+    def fixed_set(self, warps_per_image: int, seed: int = 0, shift_rows: Optional[int] = None) -> LabelPair:
         """Every image, unflipped and flipped, with ``warps_per_image`` warps each, drawn from
-        ``seed``: the same warps for every variant (evaluation)."""
+        ``seed``: the same warps for every variant and shift (evaluation)."""
         parts = []
         for index, segmentation in enumerate(self.segmentations):
             for flip in (False, True):
                 for warp in range(warps_per_image):
                     generator = torch.Generator().manual_seed(seed * 1_000_003 + (index * 2 + flip) * 1000 + warp)
-                    parts.append(make_pair(segmentation, self.variant, flip, generator))
+                    parts.append(make_pair(segmentation, self.variant, flip, generator, shift_rows))
         return LabelPair(*(torch.stack(t) for t in zip(*parts)))
