@@ -76,6 +76,7 @@ class CARLRegistrationParameterNode:
     computeInverse: bool = False
     computeJacobian: bool = False
     movingLabels: vtkMRMLLabelMapVolumeNode
+    movingUnderTransform: bool = False
 
 
 class CARLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -200,7 +201,8 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
 
     Keyword entry point for scripts and tests: :meth:`registerVolumes` (blocking). The GUI uses
     :meth:`startFromParameterNode`, :meth:`poll` from a timer, then :meth:`finish`.
-    Input nodes are never modified; temporary files are removed in every case.
+    Input nodes are never modified, except that, when asked, the moving volume is placed under
+    the result transform; temporary files are removed in every case.
     """
 
     def __init__(self) -> None:
@@ -306,6 +308,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             movingLabels=parameters.movingLabels,
             outputTransform=parameters.outputTransform,
             outputVolume=parameters.outputVolume,
+            movingUnderTransform=parameters.movingUnderTransform,
         )
 
     def start(
@@ -321,11 +324,14 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         movingLabels=None,
         outputTransform=None,
         outputVolume=None,
+        movingUnderTransform: bool = False,
     ) -> None:
         """Write the inputs to a temporary folder and start the worker.
 
         ``outputTransform`` / ``outputVolume``: existing nodes to receive the results (their
-        content is replaced, their name kept); None creates new nodes.
+        content is replaced, their name kept); None creates new nodes. ``movingUnderTransform``:
+        once the results are in, set the moving volume's parent transform to the result (the only
+        change ever made to an input node, and only when asked).
         """
         if self.isRunning():
             raise RuntimeError("A registration is already running.")
@@ -360,6 +366,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             self._request = {
                 "paths": paths, "moving": movingVolume, "fixed": fixedVolume, "labels": movingLabels,
                 "outputTransform": outputTransform, "outputVolume": outputVolume,
+                "movingUnderTransform": movingUnderTransform,
             }
             self.job = self._engine("worker").WorkerJob(arguments, python=self.pythonExecutable()).start()
         except Exception:
@@ -447,6 +454,8 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             created["jacobian"].CreateDefaultDisplayNodes()
             created["jacobian"].GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
         self.metrics = metrics
+        if self._request["movingUnderTransform"]:
+            moving.SetAndObserveTransformNodeID(transform.GetID())
         self._showResults(created, fixed)
         if parameters is not None:
             parameters.outputTransform = transform

@@ -139,6 +139,18 @@ def test_results_go_into_existing_output_nodes(scene_pair, tiny_model):
     assert np.array_equal(slicer.util.arrayFromVolume(volume), slicer.util.arrayFromVolume(fresh["warped"]))
     assert np.allclose(slicer.util._ijk_to_ras(volume), slicer.util._ijk_to_ras(fixed), atol=1e-6)
     assert transform.GetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()) == moving.GetID()
+    assert moving.GetTransformNodeID() is None  # not asked: the moving volume keeps no parent transform
+
+
+def test_the_moving_volume_is_placed_under_the_transform_when_asked(scene_pair, tiny_model):
+    moving, fixed, _ = scene_pair
+    voxels = slicer.util.arrayFromVolume(moving).copy()
+    logic = module.CARLRegistrationLogic()
+    _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu", movingUnderTransform=True)
+    result = logic.finish()
+    assert moving.GetTransformNodeID() == result["transform"].GetID()
+    assert fixed.GetTransformNodeID() is None
+    assert np.array_equal(slicer.util.arrayFromVolume(moving), voxels)
 
 
 def test_an_input_chosen_as_output_is_refused_before_anything_runs(scene_pair, tiny_model):
