@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # The reference CARL implementation, used only as a test oracle (installed without its dependencies).
 REFERENCE ?= icon_registration==1.1.9
 
-.PHONY: test bench bench-forward bench-precision clean
+.PHONY: test bench bench-forward bench-precision bench-retina bench-brain clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,23 @@ test: $(VENV)/.installed
 	$(PY) -m pytest Testing
 
 # Benchmarks (not part of CI): results land in bench/results/.
-bench: bench-forward bench-precision
+bench: bench-forward bench-precision bench-retina bench-brain
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 bench-forward: $(VENV)/.installed
 	$(PY) bench/forward.py
 
 bench-precision: $(VENV)/.installed
 	$(PY) bench/precision.py | tee bench/results/precision.txt
+
+bench-retina: $(VENV)/.installed
+	$(PY) bench/retina.py
+
+bench-brain: $(VENV)/.bench-installed
+	$(PY) bench/brain.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

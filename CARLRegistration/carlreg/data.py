@@ -34,6 +34,7 @@ __all__ = [
     "SPLITS",
     "BRAIN_LABEL_LIMIT",
     "LabelPair",
+    "label_map_image",
     "load_label_map",
     "random_contrast",
     "synthesize_image",
@@ -60,13 +61,9 @@ class LabelPair(NamedTuple):
     fixed_labels: torch.Tensor
 
 
-@functools.lru_cache(maxsize=64)
-def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> torch.Tensor:
-    """A label map reoriented to RAS on a centred box of ``shape`` voxels of ``spacing_mm``.
-
-    Returns an int64 ``(*shape)`` tensor in tensor axis order (the SimpleITK array's z, y, x);
-    cached, so it must not be modified.
-    """
+def label_map_image(path: Path, shape: Sequence[int], spacing_mm: float) -> sitk.Image:
+    """A label map reoriented to RAS and resampled (nearest) onto a box of ``shape`` voxels
+    (tensor order) of ``spacing_mm``, centred on the map's own centre; an int32 image."""
     image = canonical_orientation(sitk.ReadImage(str(path)))
     image = sitk.Cast(image, sitk.sitkInt32)
     size_xyz = [int(n) for n in reversed(shape)]
@@ -77,8 +74,14 @@ def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> tor
     reference.SetSpacing([spacing_mm] * 3)
     reference.SetDirection(image.GetDirection())
     reference.SetOrigin(tuple(np.array(centre) - extent / 2))
-    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return torch.from_numpy(sitk.GetArrayFromImage(resampled).astype(np.int64))
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> torch.Tensor:
+    """:func:`label_map_image` as an int64 ``(*shape)`` tensor in tensor axis order (the
+    SimpleITK array's z, y, x); cached, so it must not be modified."""
+    return torch.from_numpy(sitk.GetArrayFromImage(label_map_image(path, shape, spacing_mm)).astype(np.int64))
 
 
 def random_contrast(max_label: int, generator: torch.Generator) -> torch.Tensor:

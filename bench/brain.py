@@ -1,0 +1,222 @@
+"""Brain registration on the untouched test subjects: ours (without and with instance
+optimization) against ANTs SyN and Elastix, on the same pairs, machine and run.
+
+Pairs: SynthSeg label maps of subjects 19 and 20 (never used in training or validation), both
+directions. Each is reoriented to RAS and resampled (nearest) to 2 mm on a 128³ box around its
+own centre, so the two images of a pair have different fields of view; an image is synthesised
+from each with a shared random contrast (seed fixed), as in training. Figures: mean Dice over
+brain structures (labels below 100 present in the fixed map), % of fixed voxels where the
+transform folds (Jacobian determinant ≤ 0, one formula for all methods:
+``carlreg.geometry.jacobian_determinant`` of the fixed → moving displacement field), wall time
+and peak memory (resident set) of a fresh process per run.
+
+- none: the identity in physical space.
+- ours: ``carlreg.register`` with a model (default ``carl-brain-3d``), ``--io-steps`` for IO.
+- ANTs SyN: antspyx ``registration(type_of_transform="SyN")`` (its default: affine then SyN).
+- Elastix: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
+
+Usage: python bench/brain.py [--model NAME_OR_FILE] [--io-steps 50] [--methods none,ours,ours_io,ants,elastix]
+Writes bench/results/brain.{txt,csv,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "CARLRegistration"))
+
+from carlreg.data import BRAIN_LABEL_LIMIT, SPLITS, label_map_image, random_contrast, synthesize_image  # noqa: E402
+from carlreg.geometry import jacobian_determinant  # noqa: E402
+from carlreg.metrics import mean_dice  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+LABEL_MAPS = REPO.parent / "shared" / "data" / "synthseg_label_maps"
+SHAPE, SPACING_MM = (128, 128, 128), 2.0
+METHODS = ("none", "ours", "ours_io", "ants", "elastix")
+SEED = 2026
+
+
+def make_pairs(folder: Path, shift_mm=(0.0, 0.0, 0.0)) -> list:
+    """Write the test images and label maps to ``folder``: ``[(moving, fixed), ...]`` of
+    ``{"image": path, "labels": path, "subject": n}``. ``shift_mm`` (x, y, z, LPS) moves the
+    fixed image's content (the translation sweep)."""
+    subjects = SPLITS["test"]
+    label_maps = {s: label_map_image(LABEL_MAPS / f"training_seg_{s:02d}.nii.gz", SHAPE, SPACING_MM) for s in subjects}
+    tensors = {s: torch.from_numpy(sitk.GetArrayFromImage(m).astype(np.int64)) for s, m in label_maps.items()}
+    intensities = random_contrast(max(int(t.max()) for t in tensors.values()), torch.Generator().manual_seed(SEED))
+    files = {}
+    for index, subject in enumerate(subjects):
+        labels = label_maps[subject]
+        generator = torch.Generator().manual_seed(SEED + index)
+        image = sitk.GetImageFromArray(synthesize_image(tensors[subject], generator, intensities)[0, 0].numpy())
+        image.CopyInformation(labels)
+        files[subject] = {"image": folder / f"{subject}_image.nii.gz", "labels": folder / f"{subject}_labels.nii.gz",
+                          "subject": subject, "sitk": (image, labels)}
+    pairs = []
+    for moving, fixed in ((subjects[0], subjects[1]), (subjects[1], subjects[0])):
+        pair = []
+        for role, subject in (("moving", moving), ("fixed", fixed)):
+            image, labels = files[subject]["sitk"]
+            if role == "fixed" and any(shift_mm):
+                image, labels = _shifted(image, shift_mm), _shifted(labels, shift_mm)
+            paths = {"image": folder / f"{role}{moving}-{fixed}_image.nii.gz",
+                     "labels": folder / f"{role}{moving}-{fixed}_labels.nii.gz", "subject": subject}
+            sitk.WriteImage(image, str(paths["image"]))
+            sitk.WriteImage(labels, str(paths["labels"]))
+            pair.append(paths)
+        pairs.append(tuple(pair))
+    return pairs
+
+
+def _shifted(image: sitk.Image, shift_mm) -> sitk.Image:
+    """The content moved by ``shift_mm`` (LPS) within the same grid (what leaves is lost)."""
+    interpolator = sitk.sitkNearestNeighbor if image.GetPixelID() == sitk.sitkInt32 else sitk.sitkLinear
+    return sitk.Resample(image, image, sitk.TranslationTransform(3, [-s for s in shift_mm]), interpolator, 0)
+
+
+def _dice(warped_labels: sitk.Image, fixed_labels: sitk.Image) -> float:
+    warped = torch.from_numpy(sitk.GetArrayFromImage(warped_labels).astype(np.int64))
+    fixed = torch.from_numpy(sitk.GetArrayFromImage(fixed_labels).astype(np.int64))
+    return mean_dice(warped, fixed, BRAIN_LABEL_LIMIT)
+
+
+def _folding(field: sitk.Image) -> float:
+    return 100.0 * float((sitk.GetArrayFromImage(jacobian_determinant(field)) <= 0).mean())
+
+
+def _identity_field(fixed: sitk.Image) -> sitk.Image:
+    field = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64)
+    field.CopyInformation(fixed)
+    return field
+
+
+def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, work: Path) -> dict:
+    """One registration: Dice, folding %, seconds (excluding reading the files)."""
+    moving_image, fixed_image = sitk.ReadImage(str(moving["image"])), sitk.ReadImage(str(fixed["image"]))
+    moving_labels, fixed_labels = sitk.ReadImage(str(moving["labels"])), sitk.ReadImage(str(fixed["labels"]))
+    started = time.perf_counter()
+    if method == "none":
+        warped = sitk.Resample(moving_labels, fixed_labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        field = _identity_field(fixed_image)
+    elif method in ("ours", "ours_io"):
+        from carlreg.pipeline import register
+
+        result = register(moving_image, fixed_image, model, modality="max", device="cpu",
+                          io_steps=io_steps if method == "ours_io" else 0, moving_labels=moving_labels)
+        warped, field = result.warped_labels, result.transform.GetDisplacementField()
+    elif method == "ants":
+        import ants
+
+        fixed_ants, moving_ants = ants.image_read(str(fixed["image"])), ants.image_read(str(moving["image"]))
+        registration = ants.registration(fixed=fixed_ants, moving=moving_ants, type_of_transform="SyN",
+                                         outprefix=str(work / "ants_"))
+        labels = ants.apply_transforms(fixed=ants.image_read(str(fixed["labels"])), moving=ants.image_read(str(moving["labels"])),
+                                       transformlist=registration["fwdtransforms"], interpolator="genericLabel")
+        warped = sitk.Cast(sitk.ReadImage(_ants_write(labels, work / "ants_labels.nii.gz")), sitk.sitkInt32)
+        composite = ants.apply_transforms(fixed=fixed_ants, moving=moving_ants, transformlist=registration["fwdtransforms"],
+                                          compose=str(work / "ants_composite_"))
+        field = sitk.ReadImage(composite, sitk.sitkVectorFloat64)
+    elif method == "elastix":
+        import itk
+
+        fixed_itk, moving_itk = itk.imread(str(fixed["image"]), itk.F), itk.imread(str(moving["image"]), itk.F)
+        parameters = itk.ParameterObject.New()
+        parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+        parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+        _, transform_parameters = itk.elastix_registration_method(
+            fixed_itk, moving_itk, parameter_object=parameters, log_to_console=False, output_directory=str(work))
+        for index in range(transform_parameters.GetNumberOfParameterMaps()):
+            transform_parameters.SetParameter(index, "FinalBSplineInterpolationOrder", "0")
+        labels = itk.transformix_filter(itk.imread(str(moving["labels"]), itk.F), transform_parameters)
+        itk.imwrite(labels, str(work / "elastix_labels.nii.gz"))
+        warped = sitk.Cast(sitk.ReadImage(str(work / "elastix_labels.nii.gz")), sitk.sitkInt32)
+        deformation = itk.transformix_deformation_field(moving_itk, transform_parameters)
+        itk.imwrite(deformation, str(work / "elastix_field.nii.gz"))
+        field = sitk.ReadImage(str(work / "elastix_field.nii.gz"), sitk.sitkVectorFloat64)
+    else:
+        raise ValueError(f"run_one(): method must be one of {METHODS}, got {method!r}")
+    seconds = time.perf_counter() - started
+    return {"dice": _dice(warped, fixed_labels), "folding_percent": _folding(field), "seconds": seconds}
+
+
+def _ants_write(image, path: Path) -> str:
+    image.to_file(str(path))
+    return str(path)
+
+
+def run_in_fresh_process(method: str, moving: dict, fixed: dict, model: str, io_steps: int) -> dict:
+    """``run_one`` in a child process, for its own peak memory."""
+    with tempfile.TemporaryDirectory(prefix="bench-brain-") as work:
+        command = [sys.executable, __file__, "--one", method, "--pair", json.dumps([str(moving["image"]), str(moving["labels"]),
+                   str(fixed["image"]), str(fixed["labels"])]), "--model", model, "--io-steps", str(io_steps), "--work", work]
+        completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"bench/brain.py: {method} failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="carl-brain-3d", help="shipped model name, or a weights/checkpoint file")
+    parser.add_argument("--io-steps", type=int, default=50)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--output", default="brain", help="result file stem in bench/results")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    if args.one:
+        moving_image, moving_labels, fixed_image, fixed_labels = json.loads(args.pair)
+        figures = run_one(args.one, {"image": moving_image, "labels": moving_labels}, {"image": fixed_image, "labels": fixed_labels},
+                          args.model, args.io_steps, Path(args.work))
+        figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(figures))
+        return
+    methods = [m for m in args.methods.split(",") if m]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-brain-data-") as folder:
+        for moving, fixed in make_pairs(Path(folder)):
+            for method in methods:
+                figures = run_in_fresh_process(method, moving, fixed, args.model, args.io_steps)
+                rows.append({"method": method, "moving": moving["subject"], "fixed": fixed["subject"], **figures})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    header = (f"# bench/brain.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+              f"model {args.model}, IO {args.io_steps} steps; subjects {SPLITS['test']} both directions, 2 mm, 128³")
+    lines = [header, f"{'method':<9} {'Dice':>6} {'folding %':>9} {'seconds':>8} {'peak GiB':>8}"]
+    summary = {}
+    for method in methods:
+        group = [r for r in rows if r["method"] == method]
+        summary[method] = {key: statistics.mean(r[key] for r in group) for key in ("dice", "folding_percent", "seconds", "peak_rss_gib")}
+        s = summary[method]
+        lines.append(f"{method:<9} {s['dice']:6.3f} {s['folding_percent']:9.3f} {s['seconds']:8.1f} {s['peak_rss_gib']:8.2f}")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.output}.txt").write_text(text + "\n")
+    with open(RESULTS / f"{args.output}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (RESULTS / f"{args.output}.json").write_text(json.dumps({"model": args.model, "io_steps": args.io_steps,
+                                                           "date": str(datetime.date.today()), "summary": summary, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
