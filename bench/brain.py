@@ -15,8 +15,14 @@ and peak memory (resident set) of a fresh process per run.
 - ANTs SyN: antspyx ``registration(type_of_transform="SyN")`` (its default: affine then SyN).
 - Elastix: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
 
+The translation sweep (``--sweep``, the paper's Fig. 4): pair 19 → 20 with the fixed image's
+content moved so that the brains' centroids coincide, then shifted by 0, 10, …, 60 mm along each
+axis (within the same grid: the field of view changes); ours, the
+displacement-only network trained the same way (``--unet-model``), ANTs and Elastix.
+
 Usage: python bench/brain.py [--model NAME_OR_FILE] [--io-steps 50] [--methods none,ours,ours_io,ants,elastix]
-Writes bench/results/brain.{txt,csv,json}.
+       python bench/brain.py --sweep [--model ...] [--unet-model ...]
+Writes bench/results/brain.{txt,csv,json}, or brain_sweep.{txt,csv,png}.
 """
 from __future__ import annotations
 
@@ -49,13 +55,18 @@ RESULTS = REPO / "bench" / "results"
 LABEL_MAPS = REPO.parent / "shared" / "data" / "synthseg_label_maps"
 SHAPE, SPACING_MM = (128, 128, 128), 2.0
 METHODS = ("none", "ours", "ours_io", "ants", "elastix")
+#: the translation sweep: shifts of the fixed image's content (mm) along each axis, methods
+SWEEP_SHIFTS_MM = (0, 10, 20, 30, 40, 50, 60)
+SWEEP_METHODS = ("none", "ours", "displacement_only", "ants", "elastix")
+AXES = {"x (L→R)": 0, "y (P→A)": 1, "z (I→S)": 2}
 SEED = 2026
 
 
-def make_pairs(folder: Path, shift_mm=(0.0, 0.0, 0.0)) -> list:
+def make_pairs(folder: Path, shift_mm=None) -> list:
     """Write the test images and label maps to ``folder``: ``[(moving, fixed), ...]`` of
-    ``{"image": path, "labels": path, "subject": n}``. ``shift_mm`` (x, y, z, LPS) moves the
-    fixed image's content (the translation sweep)."""
+    ``{"image": path, "labels": path, "subject": n}``. With ``shift_mm`` (x, y, z, LPS; the
+    translation sweep) the fixed image's content is first moved so that the two brains'
+    centroids coincide, then by ``shift_mm``."""
     subjects = SPLITS["test"]
     label_maps = {s: label_map_image(LABEL_MAPS / f"training_seg_{s:02d}.nii.gz", SHAPE, SPACING_MM) for s in subjects}
     tensors = {s: torch.from_numpy(sitk.GetArrayFromImage(m).astype(np.int64)) for s, m in label_maps.items()}
@@ -73,8 +84,9 @@ def make_pairs(folder: Path, shift_mm=(0.0, 0.0, 0.0)) -> list:
         pair = []
         for role, subject in (("moving", moving), ("fixed", fixed)):
             image, labels = files[subject]["sitk"]
-            if role == "fixed" and any(shift_mm):
-                image, labels = _shifted(image, shift_mm), _shifted(labels, shift_mm)
+            if role == "fixed" and shift_mm is not None:
+                offset = _brain_centroid(files[moving]["sitk"][1]) - _brain_centroid(labels) + np.asarray(shift_mm, float)
+                image, labels = _shifted(image, offset), _shifted(labels, offset)
             paths = {"image": folder / f"{role}{moving}-{fixed}_image.nii.gz",
                      "labels": folder / f"{role}{moving}-{fixed}_labels.nii.gz", "subject": subject}
             sitk.WriteImage(image, str(paths["image"]))
@@ -84,10 +96,17 @@ def make_pairs(folder: Path, shift_mm=(0.0, 0.0, 0.0)) -> list:
     return pairs
 
 
+def _brain_centroid(labels: sitk.Image) -> np.ndarray:
+    """Physical (LPS) centroid of the brain structures of a label map."""
+    array = sitk.GetArrayViewFromImage(labels)
+    index = np.argwhere((array > 0) & (array < BRAIN_LABEL_LIMIT)).mean(axis=0)[::-1]
+    return np.array(labels.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+
+
 def _shifted(image: sitk.Image, shift_mm) -> sitk.Image:
     """The content moved by ``shift_mm`` (LPS) within the same grid (what leaves is lost)."""
     interpolator = sitk.sitkNearestNeighbor if image.GetPixelID() == sitk.sitkInt32 else sitk.sitkLinear
-    return sitk.Resample(image, image, sitk.TranslationTransform(3, [-s for s in shift_mm]), interpolator, 0)
+    return sitk.Resample(image, image, sitk.TranslationTransform(3, [-float(s) for s in shift_mm]), interpolator, 0)
 
 
 def _dice(warped_labels: sitk.Image, fixed_labels: sitk.Image) -> float:
@@ -114,7 +133,7 @@ def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, w
     if method == "none":
         warped = sitk.Resample(moving_labels, fixed_labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         field = _identity_field(fixed_image)
-    elif method in ("ours", "ours_io"):
+    elif method in ("ours", "ours_io", "displacement_only"):
         from carlreg.pipeline import register
 
         result = register(moving_image, fixed_image, model, modality="max", device="cpu",
@@ -171,12 +190,62 @@ def run_in_fresh_process(method: str, moving: dict, fixed: dict, model: str, io_
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def sweep(model: str, unet_model: str, methods, output: str) -> None:
+    """Dice against the fixed image's shift along each axis (the paper's Fig. 4), pair 19 → 20."""
+    rows = []
+    for axis_name, axis in AXES.items():
+        for shift in SWEEP_SHIFTS_MM:
+            shift_lps = [0.0, 0.0, 0.0]
+            # positive RAS directions: x and y flip between RAS and LPS
+            shift_lps[axis] = float(shift) * (-1.0 if axis < 2 else 1.0)
+            with tempfile.TemporaryDirectory(prefix="bench-brain-sweep-") as folder:
+                moving, fixed = make_pairs(Path(folder), shift_lps)[0]
+                for method in methods:
+                    chosen = unet_model if method == "displacement_only" else model
+                    figures = run_in_fresh_process(method, moving, fixed, chosen, 0)
+                    rows.append({"axis": axis_name, "shift_mm": shift, "method": method, **figures})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+    lines = [f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+             f"torch {torch.__version__}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures",
+             f"{'axis':<9} {'method':<18} " + " ".join(f"{s:>5}mm" for s in SWEEP_SHIFTS_MM)]
+    for axis_name in AXES:
+        for method in methods:
+            values = [r["dice"] for r in rows if r["axis"] == axis_name and r["method"] == method]
+            lines.append(f"{axis_name:<9} {method:<18} " + " ".join(f"{v:7.3f}" for v in values))
+    text = "\n".join(lines)
+    print(text)
+    (RESULTS / f"{output}.txt").write_text(text + "\n")
+    with open(RESULTS / f"{output}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(AXES), figsize=(4.2 * len(AXES), 3.8), sharey=True)
+    for plot_axis, axis_name in zip(axes, AXES):
+        for method in methods:
+            values = [r["dice"] for r in rows if r["axis"] == axis_name and r["method"] == method]
+            plot_axis.plot(SWEEP_SHIFTS_MM, values, "o-", label=method)
+        plot_axis.set_title(f"fixed shifted along {axis_name}")
+        plot_axis.set_xlabel("shift (mm)")
+    axes[0].set_ylabel("mean Dice, brain structures")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"{output}.png", dpi=80)
+    plt.close(figure)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="carl-brain-3d", help="shipped model name, or a weights/checkpoint file")
     parser.add_argument("--io-steps", type=int, default=50)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--output", default="brain", help="result file stem in bench/results")
+    parser.add_argument("--methods", default="", help=f"comma-separated, of {METHODS} (sweep: {SWEEP_METHODS})")
+    parser.add_argument("--output", default="", help="result file stem in bench/results (brain, or brain_sweep)")
+    parser.add_argument("--sweep", action="store_true", help="the translation sweep instead of the accuracy table")
+    parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network (sweep)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--pair", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -189,7 +258,12 @@ def main(argv=None) -> None:
         figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(figures))
         return
-    methods = [m for m in args.methods.split(",") if m]
+    if args.sweep:
+        methods = [m for m in (args.methods or ",".join(SWEEP_METHODS)).split(",") if m]
+        sweep(args.model, args.unet_model, methods, args.output or "brain_sweep")
+        return
+    methods = [m for m in (args.methods or ",".join(METHODS)).split(",") if m]
+    args.output = args.output or "brain"
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-brain-data-") as folder:
         for moving, fixed in make_pairs(Path(folder)):
