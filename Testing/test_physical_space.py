@@ -68,23 +68,35 @@ def image_points(image: sitk.Image, index_ijk: np.ndarray) -> np.ndarray:
 
 
 class KnownMapModel(nn.Module):
-    """The model interface with a known answer: the map of T (or of T⁻¹ for the swapped pair)."""
+    """The model interface with a known answer: the map of T (or of T⁻¹ for the swapped pair).
 
-    def __init__(self, fixed: sitk.Image, moving: sitk.Image):
+    With ``input_spacing_mm``, the network grid of an image is centred on it with that spacing
+    along its axes: network voxel ``j`` at index ``(j − (n − 1)/2) · s / spacing + (N − 1)/2``.
+    """
+
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image, input_spacing_mm=None):
         super().__init__()
         self.input_shape = NETWORK_SHAPE
+        self.input_spacing_mm = input_spacing_mm
         # the network sees each image's voxels reoriented to the closest RAS axes
         self.fixed, self.moving = sitk.DICOMOrient(fixed, "RAS"), sitk.DICOMOrient(moving, "RAS")
         self.calls = []
+
+    def _index_per_network_voxel(self, image: sitk.Image) -> np.ndarray:
+        n_xyz = np.array(NETWORK_SHAPE[::-1], dtype=float)
+        if self.input_spacing_mm is None:
+            return np.array(image.GetSize()) / n_xyz
+        return self.input_spacing_mm / np.array(image.GetSpacing())
 
     def _unit_map(self, source: sitk.Image, target: sitk.Image, mapping) -> torch.Tensor:
         n_xyz = np.array(NETWORK_SHAPE[::-1], dtype=float)
         grid = np.stack(np.meshgrid(*[np.arange(n) for n in NETWORK_SHAPE], indexing="ij"), -1).reshape(-1, 3)
         network_xyz = grid[:, ::-1].astype(float)
-        source_ijk = (network_xyz + 0.5) * np.array(source.GetSize()) / n_xyz - 0.5
+        source_centre, target_centre = (np.array(source.GetSize()) - 1) / 2, (np.array(target.GetSize()) - 1) / 2
+        source_ijk = (network_xyz - (n_xyz - 1) / 2) * self._index_per_network_voxel(source) + source_centre
         target_points = mapping(image_points(source, source_ijk))
         target_ijk = np.array([target.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in target_points])
-        target_network = (target_ijk + 0.5) * n_xyz / np.array(target.GetSize()) - 0.5
+        target_network = (target_ijk - target_centre) / self._index_per_network_voxel(target) + (n_xyz - 1) / 2
         unit_zyx = (target_network / (n_xyz - 1))[:, ::-1]
         return torch.from_numpy(unit_zyx.T.reshape((1, 3) + NETWORK_SHAPE).astype(np.float32))
 
@@ -128,6 +140,54 @@ def test_transform_equals_the_analytic_mapping(awkward_pair, known_result):
     assert error_in_voxels.max() <= 0.25, error_in_voxels.max()
     # the 25 mm shift is really there (the check is not vacuous)
     assert np.abs(np.median(mapped - points, axis=0)[0] - 25.0) < 3.0
+
+
+def test_models_with_a_physical_input_spacing_map_exactly_too(awkward_pair):
+    fixed, moving = awkward_pair
+    spacing = 5.0
+    model = KnownMapModel(fixed, moving, input_spacing_mm=spacing)
+    result = register(moving, fixed, model, modality="ct", device="cpu")
+    # the network box (n · 5 mm, centred on the fixed image) covers only part of the fixed image:
+    # the map is the analytic one inside it, where the moving image's box also reaches
+    oriented = sitk.DICOMOrient(fixed, "RAS")
+    half_box = (np.array(NETWORK_SHAPE[::-1]) - 1) / 2 * spacing / np.array(oriented.GetSpacing()) - 3
+    centre = (np.array(oriented.GetSize()) - 1) / 2
+    candidates = image_points(oriented, interior_indices(oriented, 3000))
+    inside = np.all(np.abs(np.array([oriented.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in candidates]) - centre)
+                    < half_box, axis=1)
+    moving_oriented = sitk.DICOMOrient(moving, "RAS")
+    moving_half_box = (np.array(NETWORK_SHAPE[::-1]) - 1) / 2 * spacing / np.array(moving_oriented.GetSpacing()) - 3
+    moving_centre = (np.array(moving_oriented.GetSize()) - 1) / 2
+    targets = physical_map(candidates)
+    inside &= np.all(np.abs(np.array([moving_oriented.TransformPhysicalPointToContinuousIndex(q.tolist()) for q in targets])
+                            - moving_centre) < moving_half_box, axis=1)
+    assert inside.sum() > 300
+    points = candidates[inside]
+    mapped = np.array([result.transform.TransformPoint(p.tolist()) for p in points])
+    error_in_voxels = np.linalg.norm(mapped - targets[inside], axis=1) / min(fixed.GetSpacing())
+    assert error_in_voxels.max() <= 0.25, error_in_voxels.max()
+    # a whole-array resize would read the same network map as a different mapping
+    assert np.abs(np.median(mapped - points, axis=0)[0] - 25.0) < 3.0
+
+
+def test_network_grids_of_both_kinds():
+    from carlreg.geometry import network_ratios, to_network
+
+    image = sitk.Image([50, 40, 30], sitk.sitkFloat32)
+    image.SetSpacing((1.0, 2.0, 2.5))
+    ramp = torch.arange(50, dtype=torch.float32).view(1, 1, 1, 1, 50).expand(1, 1, 30, 40, 50).contiguous()
+    shape = (10, 12, 16)
+    assert network_ratios(image, shape) == (50 / 16, 40 / 12, 30 / 10)
+    resized = to_network(ramp, shape)
+    assert torch.equal(resized, torch.nn.functional.interpolate(ramp, size=list(shape), mode="trilinear", align_corners=False))
+    ratios = network_ratios(image, shape, spacing_mm=2.0)
+    assert ratios == (2.0, 1.0, 0.8)
+    sampled = to_network(ramp, shape, ratios)
+    # x: network voxel j at index (j − 7.5)·2 + 24.5, the ramp's value there; zero beyond the image
+    expected = (torch.arange(16, dtype=torch.float32) - 7.5) * 2 + 24.5
+    assert torch.allclose(sampled[0, 0, 5, 6], expected, atol=1e-4)
+    wide = to_network(ramp, (10, 12, 40), network_ratios(image, (10, 12, 40), spacing_mm=2.0))
+    assert float(wide[0, 0, 5, 6, 0]) == 0.0 and float(wide[0, 0, 5, 6, 20]) > 0
 
 
 def test_inverse_composed_with_forward_is_identity(awkward_pair, known_result):

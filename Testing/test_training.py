@@ -6,6 +6,7 @@ import json
 import torch
 
 from carlreg.data import PairsSource, SynthSegSource
+from carlreg.models import load_model
 from carlreg.train import TrainConfig, load_checkpoint, train
 from conftest import shared_data_path
 
@@ -59,6 +60,8 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert _losses(interrupted) == _losses(straight)
     assert len(set(_losses(straight))) == 3
     assert (straight / "loss.png").stat().st_size > 1000
+    # the model is told the physical spacing it was trained at (fixed-spacing input grids)
+    assert load_model(straight / "checkpoint.pt", "cpu").input_spacing_mm == 5.0
     final_straight = torch.load(straight / "model.pt", weights_only=True)
     final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
     for name, value in final_straight.items():

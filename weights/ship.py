@@ -81,6 +81,8 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "fourth_step": config["fourth_step"],
             "width": config["width"],
             "first_step": config["first_step"],
+            # synthseg3d trains on boxes of a physical spacing; the other sources resize whole arrays
+            "input_spacing_mm": config["spacing_mm"] if config["data"] == "synthseg3d" else None,
         },
         "modality": info["modality"],
         "preprocessing": info["preprocessing"],

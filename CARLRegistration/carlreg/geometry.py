@@ -1,9 +1,15 @@
 """Between images in physical space and the network's unit frame.
 
-Each image keeps its own geometry: its whole voxel array is resized to the network shape
-(linear, ``align_corners=False``, as the reference does), so network voxel ``j`` of an axis
-covers image voxels around continuous index ``i = (j + 0.5) · N / n − 0.5`` (``N`` image
-voxels, ``n`` network voxels) and sits at unit coordinate ``j / (n − 1)``.
+Each image keeps its own geometry. The network grid of an image is centred on the image's
+centre along its own axes, with ``r`` image voxels per network voxel: network voxel ``j`` of an
+axis sits at continuous image index ``i = (j − (n − 1)/2) · r + (N − 1)/2`` (``N`` image voxels,
+``n`` network voxels) and at unit coordinate ``j / (n − 1)``.
+
+- Whole-array resize (the reference's way, for models without a physical input spacing):
+  ``r = N / n``, i.e. ``i = (j + 0.5) · N / n − 0.5``, linear with ``align_corners=False``.
+- Fixed spacing (models trained at a physical spacing ``s``): ``r = s / image spacing``; the
+  image is sampled there (linear, zero beyond its field of view), so scans with different
+  fields of view differ by a translation, to which CARL is equivariant, not by a scale.
 
 A map ``fixed_to_moving`` (unit frame, on the fixed image's network grid) becomes a dense
 displacement field on the fixed image's own grid (or a coarser grid over the same extent):
@@ -18,7 +24,7 @@ order, ``_unit`` the network frame in tensor (z, y, x) order, ``_lps`` physical 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,6 +36,8 @@ from .maps import identity_map, sample
 __all__ = [
     "CANONICAL_ORIENTATION",
     "canonical_orientation",
+    "network_ratios",
+    "to_network",
     "resize_to_network",
     "index_to_unit",
     "unit_to_index",
@@ -58,20 +66,50 @@ def canonical_orientation(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
 
 
+def network_ratios(image: sitk.Image, shape: Sequence[int], spacing_mm: Optional[float] = None) -> Tuple[float, ...]:
+    """Image voxels per network voxel along each image axis (SimpleITK x, y, z order):
+    ``N / n`` (whole-array resize) or ``spacing_mm / image spacing`` (fixed spacing)."""
+    sizes, network_xyz = image.GetSize(), list(shape)[::-1]
+    if spacing_mm is None:
+        return tuple(n_image / n for n_image, n in zip(sizes, network_xyz))
+    return tuple(spacing_mm / s for s in image.GetSpacing())
+
+
+def to_network(image: torch.Tensor, shape: Sequence[int], ratios: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """``(1, 1, *S)`` image array (tensor order) on the ``(1, 1, *shape)`` network grid.
+
+    ``ratios``: image voxels per network voxel (x, y, z order, :func:`network_ratios`); None is
+    the whole-array resize (``F.interpolate``, linear, ``align_corners=False``). Otherwise the
+    image is sampled linearly at the grid's points, zero beyond its field of view.
+    """
+    sizes = list(image.shape[2:])
+    if ratios is None or all(abs(r - n_image / n) < 1e-12 for r, n_image, n in zip(ratios[::-1], sizes, shape)):
+        mode = "bilinear" if len(shape) == 2 else "trilinear"
+        return F.interpolate(image, size=list(shape), mode=mode, align_corners=False)
+    axes = []
+    for n_image, n, r in zip(sizes, shape, list(ratios)[::-1]):
+        index = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * r + (n_image - 1) / 2
+        axes.append(index / max(n_image - 1, 1) * 2 - 1)
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)  # grid_sample wants x, y, z last
+    return F.grid_sample(image, grid[None].to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
 def resize_to_network(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """``(1, 1, *S)`` image array resized to ``(1, 1, *shape)`` (linear, ``align_corners=False``)."""
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return F.interpolate(image, size=list(shape), mode=mode, align_corners=False)
+    return to_network(image, shape)
 
 
-def index_to_unit(index: np.ndarray, image_size: int, network_size: int) -> np.ndarray:
-    """Continuous image index along one axis → unit coordinate on the network grid."""
-    return ((index + 0.5) * network_size / image_size - 0.5) / (network_size - 1)
+def index_to_unit(index: np.ndarray, image_size: int, network_size: int, ratio: Optional[float] = None) -> np.ndarray:
+    """Continuous image index along one axis → unit coordinate on the network grid
+    (``ratio``: image voxels per network voxel; default ``image_size / network_size``)."""
+    ratio = image_size / network_size if ratio is None else ratio
+    return ((index - (image_size - 1) / 2) / ratio + (network_size - 1) / 2) / (network_size - 1)
 
 
-def unit_to_index(unit: np.ndarray, image_size: int, network_size: int) -> np.ndarray:
+def unit_to_index(unit: np.ndarray, image_size: int, network_size: int, ratio: Optional[float] = None) -> np.ndarray:
     """Unit coordinate on the network grid → continuous image index along one axis."""
-    return (unit * (network_size - 1) + 0.5) * image_size / network_size - 0.5
+    ratio = image_size / network_size if ratio is None else ratio
+    return (unit * (network_size - 1) - (network_size - 1) / 2) * ratio + (image_size - 1) / 2
 
 
 def _index_to_lps_matrix(image: sitk.Image) -> np.ndarray:
@@ -107,13 +145,16 @@ def map_to_displacement_field(
     fixed: sitk.Image,
     moving: sitk.Image,
     grid: Optional[sitk.Image] = None,
+    spacing_mm: Optional[float] = None,
 ) -> sitk.Image:
     """The physical displacement field of a network map, on ``grid`` (default: the fixed image's grid).
 
     Args:
         fixed_to_moving_unit: ``(1, D, *n)`` map on the fixed image's network grid, unit frame.
-        fixed, moving: the images the network inputs were resized from (their geometry is used).
+        fixed, moving: the images the network inputs were made from (their geometry is used).
         grid: output grid (see :func:`output_grid`), in the fixed image's physical space.
+        spacing_mm: the network's physical input spacing, or None for whole-array resizing
+            (:func:`network_ratios`).
     Returns:
         vector float64 image on ``grid``: ``moving point − fixed point``, LPS mm.
     """
@@ -122,6 +163,8 @@ def map_to_displacement_field(
     network_shape = list(fixed_to_moving_unit.shape[2:])
     network_xyz = network_shape[::-1]
     fixed_size, moving_size = fixed.GetSize(), moving.GetSize()
+    fixed_ratios = network_ratios(fixed, network_shape, spacing_mm)
+    moving_ratios = network_ratios(moving, network_shape, spacing_mm)
     grid_to_lps = _index_to_lps_matrix(grid)
     lps_to_fixed_ijk = np.linalg.inv(_index_to_lps_matrix(fixed))
     moving_ijk_to_lps = _index_to_lps_matrix(moving)
@@ -142,11 +185,11 @@ def map_to_displacement_field(
         grid_ijk = np.stack([a.ravel() for a in index_tensor_order[::-1]])  # (D, N) in x, y, z order
         fixed_lps = grid_to_lps @ grid_ijk + grid_origin[:, None]
         fixed_ijk = lps_to_fixed_ijk @ (fixed_lps - fixed_origin[:, None])
-        unit_xyz = np.stack([index_to_unit(fixed_ijk[a], fixed_size[a], network_xyz[a]) for a in range(dimension)])
+        unit_xyz = np.stack([index_to_unit(fixed_ijk[a], fixed_size[a], network_xyz[a], fixed_ratios[a]) for a in range(dimension)])
         coords_unit = torch.from_numpy(np.ascontiguousarray(unit_xyz[::-1]))
         coords_unit = coords_unit.view((1, dimension, -1) + (1,) * (dimension - 1))
         moving_unit = (coords_unit + sample(displacement_unit, coords_unit)).view(dimension, -1).numpy()[::-1]
-        moving_ijk = np.stack([unit_to_index(moving_unit[a], moving_size[a], network_xyz[a]) for a in range(dimension)])
+        moving_ijk = np.stack([unit_to_index(moving_unit[a], moving_size[a], network_xyz[a], moving_ratios[a]) for a in range(dimension)])
         moving_lps = moving_ijk_to_lps @ moving_ijk + moving_origin[:, None]
         displacement[start:stop] = (moving_lps - fixed_lps).T.reshape((stop - start,) + tuple(shape[1:]) + (dimension,))
     field = sitk.GetImageFromArray(displacement, isVector=True)

@@ -5,7 +5,8 @@ A shipped model is ``weights/<name>.pt`` (a state_dict) beside its model card
 
     {"name": ..., "file": "<name>.pt", "sha256": ...,
      "architecture": {"dimension": 3, "input_shape": [z, y, x], "variant": "final_final",
-                      "fourth_step": false, "width": 0.25, "first_step": "attention"},
+                      "fourth_step": false, "width": 0.25, "first_step": "attention",
+                      "input_spacing_mm": 3.0},   # optional: None resizes whole arrays
      "modality": "mr", ...}
 
 ``load_model`` also takes the path of such a state_dict (its card beside it), of a training
@@ -62,6 +63,14 @@ def _build_and_load(config: CARLConfig, state: Dict[str, torch.Tensor], source: 
     return model
 
 
+def _with_spacing(model: nn.Module, architecture: Dict) -> nn.Module:
+    """``model.input_spacing_mm``: the physical spacing its inputs are sampled at, or None
+    (whole arrays resized), from the architecture's optional ``input_spacing_mm``."""
+    spacing = architecture.get("input_spacing_mm")
+    model.input_spacing_mm = float(spacing) if spacing is not None else None
+    return model
+
+
 def _load_file(path: Path, expected_sha256: str = "") -> Dict:
     if expected_sha256 and sha256_of(path) != expected_sha256:
         raise ValueError(f"load_model(): checksum mismatch for {path}: the file is damaged or not the shipped one")
@@ -85,15 +94,19 @@ def load_model(name_or_path: Union[str, os.PathLike, nn.Module], device: Union[s
         card = model_card(text)
         state = _load_file(weights_path(text), card.get("sha256", ""))
         config = _config_from_architecture(card["architecture"], f"model card {text}")
-        return _build_and_load(config, state, f"model {text}").to(device).eval()
+        return _with_spacing(_build_and_load(config, state, f"model {text}"), card["architecture"]).to(device).eval()
     if not path.is_file():
         raise ValueError(f"load_model(): model file not found: {path}")
     state = _load_file(path)
     if isinstance(state, dict) and "model" in state and "config" in state:  # a carl-train checkpoint
         settings = state["config"]
         architecture = dict(settings, dimension=len(settings["input_shape"]))
+        # synthseg3d trains on boxes of a physical spacing; the other sources resize whole arrays
+        if settings.get("data") == "synthseg3d":
+            architecture["input_spacing_mm"] = settings.get("spacing_mm")
         config = _config_from_architecture(architecture, str(path))
-        return _build_and_load(config, state["model"], str(path)).to(device).eval()
+        model = _build_and_load(config, state["model"], str(path))
+        return _with_spacing(model, architecture).to(device).eval()
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         raise ValueError(
@@ -104,4 +117,4 @@ def load_model(name_or_path: Union[str, os.PathLike, nn.Module], device: Union[s
     if card.get("sha256") and sha256_of(path) != card["sha256"]:
         raise ValueError(f"load_model(): checksum mismatch for {path}: the file is damaged or not the one its card describes")
     config = _config_from_architecture(card.get("architecture", {}), str(card_path))
-    return _build_and_load(config, state, str(path)).to(device).eval()
+    return _with_spacing(_build_and_load(config, state, str(path)), card.get("architecture", {})).to(device).eval()

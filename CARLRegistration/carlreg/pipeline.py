@@ -2,8 +2,9 @@
 
 The model interface (how to plug in your own network): ``model(moving, fixed)``, called with
 ``[1, 1, *input_shape]`` float tensors in [0, 1] (tensor axis order, z, y, x in 3-D; each 3-D
-image's voxel axes reoriented to the closest RAS orientation, then its whole array resized
-linearly to ``input_shape``), returns the
+image's voxel axes reoriented to the closest RAS orientation, then brought to ``input_shape``:
+its whole array resized linearly, or, when the model has an ``input_spacing_mm``, sampled at
+that spacing on a grid centred on the image, see :mod:`carlreg.geometry`), returns the
 fixed → moving map in the unit frame, ``[1, D, *input_shape]`` (channel ``k`` is the coordinate
 along tensor axis ``k``, voxel ``i`` at ``i / (N − 1)``), and ``model.input_shape`` gives the
 spatial shape. Networks from :func:`carlreg.build_carl` and the shipped models satisfy it.
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .device import resolve_device
-from .geometry import canonical_orientation, jacobian_determinant, map_to_displacement_field, output_grid, resize_to_network
+from .geometry import canonical_orientation, jacobian_determinant, map_to_displacement_field, network_ratios, output_grid, to_network
 from .inference import predict_maps
 from .io import ImageError, PathLike, image_to_tensor, read_image
 from .landmarks import read_landmarks, target_registration_error
@@ -77,14 +78,16 @@ def _as_image(image: Union[sitk.Image, PathLike], what: str) -> sitk.Image:
     return image if isinstance(image, sitk.Image) else read_image(image, what)
 
 
-def _network_input(image: sitk.Image, modality: str, shape, device, what: str) -> torch.Tensor:
+def _network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional[float], what: str) -> torch.Tensor:
+    """The image normalised and on its network grid (see :mod:`carlreg.geometry`)."""
     normalized = normalize_intensities(image_to_tensor(image), modality, what)
-    return resize_to_network(normalized, shape).to(device)
+    return to_network(normalized, shape, network_ratios(image, shape, spacing_mm))
 
 
-def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape) -> float:
-    a = resize_to_network(normalize_intensities(image_to_tensor(image), modality, "image"), shape)
-    b = resize_to_network(normalize_intensities(image_to_tensor(fixed), modality, "fixed image"), shape)
+def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape, spacing_mm: Optional[float]) -> float:
+    """Mean LNCC of an image on the fixed grid against the fixed image, on the fixed network grid."""
+    a = _network_input(image, modality, shape, spacing_mm, "image")
+    b = _network_input(fixed, modality, shape, spacing_mm, "fixed image")
     return float(torch.mean(lncc(a, b)))
 
 
@@ -136,8 +139,9 @@ def register(
                 f"register(): {what} image is {image.GetDimension()}-D, the model registers {len(shape)}-D images"
             )
     moving_oriented, fixed_oriented = canonical_orientation(moving), canonical_orientation(fixed)
-    moving_tensor = _network_input(moving_oriented, modality, shape, device, "moving image")
-    fixed_tensor = _network_input(fixed_oriented, modality, shape, device, "fixed image")
+    spacing_mm = getattr(network, "input_spacing_mm", None)
+    moving_tensor = _network_input(moving_oriented, modality, shape, spacing_mm, "moving image").to(device)
+    fixed_tensor = _network_input(fixed_oriented, modality, shape, spacing_mm, "fixed image").to(device)
     reporter.report(1)
 
     if io_steps > 0:
@@ -152,13 +156,15 @@ def register(
 
     reporter = StageReporter("transform", 3 if inverse else 2, progress, should_cancel)
     grid = output_grid(fixed, field_spacing_mm)
-    field_image = map_to_displacement_field(maps.fixed_to_moving, fixed_oriented, moving_oriented, grid)
+    field_image = map_to_displacement_field(maps.fixed_to_moving, fixed_oriented, moving_oriented, grid, spacing_mm)
     jacobian = jacobian_determinant(field_image)
     transform = sitk.DisplacementFieldTransform(field_image)
     reporter.report(1)
     inverse_transform = None
     if inverse:
-        inverse_field = map_to_displacement_field(maps.moving_to_fixed, moving_oriented, fixed_oriented, output_grid(moving))
+        inverse_field = map_to_displacement_field(
+            maps.moving_to_fixed, moving_oriented, fixed_oriented, output_grid(moving), spacing_mm
+        )
         inverse_transform = sitk.DisplacementFieldTransform(inverse_field)
         reporter.report(2)
     warped = warp_image(moving, fixed, transform)
@@ -168,8 +174,8 @@ def register(
     identity = warp_image(moving, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
     determinant = sitk.GetArrayViewFromImage(jacobian)
     metrics: Dict[str, Union[float, str]] = {
-        "lncc_before": _mean_lncc(identity, fixed, modality, shape),
-        "lncc_after": _mean_lncc(warped, fixed, modality, shape),
+        "lncc_before": _mean_lncc(identity, fixed, modality, shape, spacing_mm),
+        "lncc_after": _mean_lncc(warped, fixed, modality, shape, spacing_mm),
         "folding_percent": float((determinant <= 0).mean() * 100.0),
         "device": str(device),
     }
