@@ -11,12 +11,12 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -75,7 +75,7 @@ class CARLRegistrationParameterNode:
     device: str = "auto"
     computeInverse: bool = False
     computeJacobian: bool = False
-    movingLabels: vtkMRMLLabelMapVolumeNode
+    movingLabels: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
     movingUnderTransform: bool = False
 
 
@@ -360,11 +360,15 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
                 arguments += ["--out-inverse", paths["inverse.h5"]]
             if computeJacobian:
                 arguments += ["--out-jacobian", paths["jacobian.nrrd"]]
-            if movingLabels is not None:
+            segments = None
+            if isinstance(movingLabels, slicer.vtkMRMLSegmentationNode):
+                segments = self._saveSegmentsAsLabels(movingLabels, movingVolume, paths["labels.nrrd"])
+            elif movingLabels is not None:
                 slicer.util.saveNode(movingLabels, paths["labels.nrrd"])
+            if movingLabels is not None:
                 arguments += ["--moving-labels", paths["labels.nrrd"], "--out-warped-labels", paths["warped_labels.nrrd"]]
             self._request = {
-                "paths": paths, "moving": movingVolume, "fixed": fixedVolume, "labels": movingLabels,
+                "paths": paths, "moving": movingVolume, "fixed": fixedVolume, "labels": movingLabels, "segments": segments,
                 "outputTransform": outputTransform, "outputVolume": outputVolume,
                 "movingUnderTransform": movingUnderTransform,
             }
@@ -372,6 +376,32 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         except Exception:
             self._removeFolder()
             raise
+
+    @staticmethod
+    def _saveSegmentsAsLabels(segmentation, referenceVolume, path: str) -> List[tuple]:
+        """Write the segments as one label map on ``referenceVolume``'s grid (segment k → label k + 1;
+        where segments overlap, the later one wins); returns ``[(segment ID, name, color)]``."""
+        import numpy as np
+
+        ids = vtk.vtkStringArray()
+        segmentation.GetSegmentation().GetSegmentIDs(ids)
+        segments, labels = [], None
+        for value, segmentId in enumerate((ids.GetValue(i) for i in range(ids.GetNumberOfValues())), start=1):
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, referenceVolume)
+            labels = np.zeros(mask.shape, np.uint16) if labels is None else labels
+            labels[mask > 0] = value
+            segment = segmentation.GetSegmentation().GetSegment(segmentId)
+            segments.append((segmentId, segment.GetName(), tuple(segment.GetColor())))
+        if labels is None:
+            raise ValueError(f"The segmentation '{segmentation.GetName()}' has no segments to warp.")
+        ijkToRAS = vtk.vtkMatrix4x4()
+        referenceVolume.GetIJKToRASMatrix(ijkToRAS)
+        node = slicer.util.addVolumeFromArray(labels, ijkToRAS, "CARLRegistration labels", "vtkMRMLLabelMapVolumeNode")
+        try:
+            slicer.util.saveNode(node, path)
+        finally:
+            slicer.mrmlScene.RemoveNode(node)
+        return segments
 
     def poll(self) -> List[dict]:
         return self.job.poll() if self.job is not None else []
@@ -432,6 +462,12 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
                 created["jacobian"] = slicer.util.loadVolume(paths["jacobian.nrrd"])
             if os.path.exists(paths["warped_labels.nrrd"]):
                 created["warpedLabels"] = slicer.util.loadLabelVolume(paths["warped_labels.nrrd"])
+                if self._request["segments"] is not None:
+                    labelmap = created.pop("warpedLabels")
+                    try:
+                        created["warpedSegmentation"] = self._segmentationFromLabels(labelmap, self._request["segments"], fixed)
+                    finally:
+                        slicer.mrmlScene.RemoveNode(labelmap)
         except Exception:
             for node in created.values():
                 slicer.mrmlScene.RemoveNode(node)
@@ -442,6 +478,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             "inverse": f"{fixed.GetName()}_to_{moving.GetName()}",
             "jacobian": f"{moving.GetName()}_jacobian",
             "warpedLabels": f"{moving.GetName()}_labels_warped",
+            "warpedSegmentation": f"{self._request['labels'].GetName()}_warped" if self._request["labels"] else "",
         }
         for key, node in created.items():
             node.SetName(slicer.mrmlScene.GenerateUniqueName(names[key]))
@@ -461,6 +498,24 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             parameters.outputTransform = transform
             parameters.outputVolume = created["warped"]
         return dict(created, metrics=self.metrics)
+
+    @staticmethod
+    def _segmentationFromLabels(labelmap, segments: List[tuple], fixed):
+        """A new segmentation on the fixed grid with the source's segments (IDs, names, colours),
+        each filled from its label in the warped label map."""
+        labels = slicer.util.arrayFromVolume(labelmap)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        try:
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixed)
+            for value, (segmentId, name, color) in enumerate(segments, start=1):
+                segmentation.GetSegmentation().AddEmptySegment(segmentId, name, color)
+                mask = (labels == value).astype("uint8")
+                slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segmentId, fixed)
+        except Exception:
+            slicer.mrmlScene.RemoveNode(segmentation)
+            raise
+        return segmentation
 
     @staticmethod
     def _intoExisting(loaded, existing):

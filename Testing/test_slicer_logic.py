@@ -153,6 +153,39 @@ def test_the_moving_volume_is_placed_under_the_transform_when_asked(scene_pair, 
     assert np.array_equal(slicer.util.arrayFromVolume(moving), voxels)
 
 
+def test_a_segmentation_is_warped_into_a_new_segmentation(scene_pair, tiny_model):
+    moving, fixed, _ = scene_pair
+    voxels = slicer.util.arrayFromVolume(moving)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "structures")
+    bright, mid = np.percentile(voxels, 90), np.percentile(voxels, 60)
+    masks = {"bright": voxels > bright, "mid": (voxels > mid) & (voxels <= bright)}
+    for name, color in (("bright", (1.0, 0.0, 0.0)), ("mid", (0.0, 1.0, 0.0))):
+        segment_id = segmentation.GetSegmentation().AddEmptySegment(name + "_id", name, color)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(masks[name].astype(np.uint8), segmentation, segment_id, moving)
+    # the same structures as a label map, warped by the label-map path for comparison
+    labelmap = slicer.util.addVolumeFromArray(masks["bright"] * 1 + masks["mid"] * 2, slicer.util._matrix(slicer.util._ijk_to_ras(moving)),
+                                              "labels", "vtkMRMLLabelMapVolumeNode")
+    logic = module.CARLRegistrationLogic()
+    _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu", movingLabels=labelmap)
+    expected = slicer.util.arrayFromVolume(logic.finish()["warpedLabels"])
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu", movingLabels=segmentation)
+    result = logic.finish()
+    warped = result["warpedSegmentation"]
+    assert "warpedLabels" not in result and isinstance(warped, slicer.vtkMRMLSegmentationNode)
+    assert warped.GetName() == "structures_warped" and warped.reference_geometry is fixed
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes + 3  # transform, warped volume, segmentation
+    segments = warped.GetSegmentation()
+    assert [(segments.GetSegment(i).GetName(), segments.GetSegment(i).GetColor()) for i in ("bright_id", "mid_id")] == [
+        ("bright", (1.0, 0.0, 0.0)), ("mid", (0.0, 1.0, 0.0))]
+    bright_mask = slicer.util.arrayFromSegmentBinaryLabelmap(warped, "bright_id", fixed)
+    mid_mask = slicer.util.arrayFromSegmentBinaryLabelmap(warped, "mid_id", fixed)
+    assert np.array_equal(bright_mask, expected == 1) and np.array_equal(mid_mask, expected == 2)
+    assert bright_mask.sum() > 1000 and mid_mask.sum() > 1000
+    # the source segmentation is untouched
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "bright_id", moving), masks["bright"])
+
+
 def test_an_input_chosen_as_output_is_refused_before_anything_runs(scene_pair, tiny_model):
     moving, fixed, _ = scene_pair
     nodes = slicer.mrmlScene.GetNumberOfNodes()

@@ -67,6 +67,9 @@ def test_parameter_names_match_the_ui_and_widget_kinds():
         _, widget_class, node_types = bound[parameter]
         if annotation.startswith("vtkMRML"):
             assert widget_class == "qMRMLNodeComboBox" and node_types == [annotation], parameter
+        elif annotation.startswith("Union[vtkMRML"):
+            members = [t.strip() for t in annotation[len("Union["):-1].split(",")]
+            assert widget_class == "qMRMLNodeComboBox" and node_types == members, parameter
         elif annotation == "bool":
             assert widget_class == "QCheckBox", parameter
         elif "int" in annotation:

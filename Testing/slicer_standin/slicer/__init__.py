@@ -162,6 +162,61 @@ class vtkMRMLGridTransformNode(vtkMRMLTransformNode):
         self._from_parent = vtkOrientedGridTransform()
 
 
+class vtkSegment:
+    """Mirrors Libs/vtkSegmentationCore/vtkSegment: name and colour (the mask is kept by the node here)."""
+
+    def __init__(self, name: str, color) -> None:
+        self._name, self._color = name, tuple(color)
+
+    def GetName(self) -> str:
+        return self._name
+
+    def GetColor(self):
+        return self._color
+
+
+class vtkSegmentation:
+    """Mirrors Libs/vtkSegmentationCore/vtkSegmentation: ordered segments by ID."""
+
+    def __init__(self) -> None:
+        self._segments: Dict[str, vtkSegment] = {}
+
+    def AddEmptySegment(self, segment_id: str = "", name: str = "", color=(0.5, 0.5, 0.5)) -> str:
+        segment_id = segment_id or f"Segment_{len(self._segments) + 1}"
+        self._segments[segment_id] = vtkSegment(name or segment_id, color)
+        return segment_id
+
+    def GetSegmentIDs(self, ids: vtk.vtkStringArray) -> None:
+        ids.Reset()
+        for segment_id in self._segments:
+            ids.InsertNextValue(segment_id)
+
+    def GetSegment(self, segment_id: str) -> Optional[vtkSegment]:
+        return self._segments.get(segment_id)
+
+    def GetNumberOfSegments(self) -> int:
+        return len(self._segments)
+
+
+class vtkMRMLSegmentationNode(vtkMRMLNode):
+    """Mirrors Libs/MRML/Core/vtkMRMLSegmentationNode: a vtkSegmentation, and here each segment's
+    binary labelmap with the geometry (IJK-to-RAS matrix and shape) it was set on."""
+
+    display_class = vtkMRMLDisplayNode
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._segmentation = vtkSegmentation()
+        self.masks: Dict[str, tuple] = {}
+        self.reference_geometry = None
+
+    def GetSegmentation(self) -> vtkSegmentation:
+        return self._segmentation
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, volume) -> None:
+        self.reference_geometry = volume
+
+
 class _Scene:
     """Mirrors Libs/MRML/Core/vtkMRMLScene: nodes, IDs, unique names, close events."""
 
@@ -173,6 +228,11 @@ class _Scene:
     def Clear(self, remove_singletons: bool = False) -> None:
         self._nodes: Dict[str, vtkMRMLNode] = {}
         self._counter = itertools.count(1)
+
+    def AddNewNodeByClass(self, class_name: str, name: str = "") -> vtkMRMLNode:
+        node = self.AddNode(globals()[class_name]())
+        node.SetName(self.GenerateUniqueName(name or class_name.replace("vtkMRML", "").replace("Node", "")))
+        return node
 
     def AddNode(self, node: vtkMRMLNode) -> vtkMRMLNode:
         node._id = f"{type(node).__name__}{next(self._counter)}"

@@ -137,6 +137,29 @@ def arrayFromGridTransform(node) -> np.ndarray:
     return scalars.reshape(image.GetDimensions()[::-1] + (3,)).copy()
 
 
+def _geometry(volume) -> tuple:
+    return _ijk_to_ras(volume).round(6).tobytes(), volume.GetImageData().GetDimensions()[::-1]
+
+
+def updateSegmentBinaryLabelmapFromArray(narray, segmentationNode, segmentId, referenceVolumeNode=None):
+    """A segment's mask, a (K, J, I) array on ``referenceVolumeNode``'s grid."""
+    if segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+        raise ValueError(f"no segment {segmentId}")
+    geometry = _geometry(referenceVolumeNode)
+    if tuple(narray.shape) != geometry[1]:
+        raise ValueError(f"array shape {narray.shape} differs from the reference volume's {geometry[1]}")
+    segmentationNode.masks[segmentId] = (np.array(narray, dtype=np.uint8), geometry)
+
+
+def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None) -> np.ndarray:
+    """A segment's mask on ``referenceVolumeNode``'s grid. Slicer resamples to any reference; this
+    stand-in serves only the grid the mask was set on (what the tests use) and refuses others."""
+    mask, geometry = segmentationNode.masks[segmentId]
+    if referenceVolumeNode is not None and _geometry(referenceVolumeNode) != geometry:
+        raise NotImplementedError("stand-in: a segment is only read back on the grid it was set on")
+    return mask.copy()
+
+
 def setSliceViewerLayers(background=None, foreground=None, label=None, foregroundOpacity=None, **kwargs) -> None:
     sliceViewerLayers.update(background=background, foreground=foreground, foregroundOpacity=foregroundOpacity)
 
