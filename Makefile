@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # The reference CARL implementation, used only as a test oracle (installed without its dependencies).
 REFERENCE ?= icon_registration==1.1.9
 
-.PHONY: test bench bench-forward bench-precision bench-retina bench-brain clean
+.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps $(REFERENCE)
 	touch $@
+
+# The first command of the README: the engine, the MNI152 template (nilearn) and a registration.
+$(VENV)/.demo-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m carlreg demo --out demo-output
 
 test: $(VENV)/.installed
 	$(PY) -m pytest Testing

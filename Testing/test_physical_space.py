@@ -387,3 +387,45 @@ def test_landmark_error_of_a_known_shift_in_three_file_formats(tmp_path):
         assert result.metrics["tre_after_max_mm"] < 0.01
     with pytest.raises(ValueError, match="state its coordinate system"):
         read_landmarks(tmp_path / "moving.csv")
+
+
+def test_the_demo_pair_and_command(tmp_path):
+    require_module("nilearn")
+    from carlreg import demo
+
+    moving_path, fixed_path = demo.make_demo_pair(tmp_path / "pair")
+    moving, fixed = sitk.ReadImage(str(moving_path)), sitk.ReadImage(str(fixed_path))
+
+    def centroid(image):
+        array = sitk.GetArrayFromImage(image)
+        index = np.argwhere(array > 0.25 * array.max()).mean(axis=0)[::-1]
+        return np.array(image.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+
+    assert np.allclose(centroid(moving) - centroid(fixed), demo.SHIFT_MM, atol=2.0)
+    assert moving.GetSize() != fixed.GetSize()  # fields of view of their own
+    # the copy is deformed, not only moved (a whole-voxel shift alone would move back exactly)
+    back = sitk.Resample(moving, fixed, sitk.TranslationTransform(3, list(demo.SHIFT_MM)), sitk.sitkLinear, 0.0)
+    brain = sitk.GetArrayFromImage(fixed) > 0.25 * float(sitk.GetArrayFromImage(fixed).max())
+    difference = np.abs(sitk.GetArrayFromImage(back) - sitk.GetArrayFromImage(fixed))[brain]
+    assert difference.mean() > 0.02 * float(sitk.GetArrayFromImage(fixed).max())
+
+    model = tmp_path / "tiny.pt"
+    from carlreg import build_carl
+
+    torch.save(build_carl(3, (40, 40, 40), width=0.125).state_dict(), model)
+    (tmp_path / "tiny.json").write_text(json.dumps({"architecture": {"dimension": 3, "input_shape": [40, 40, 40], "width": 0.125,
+                                                                      "input_spacing_mm": 6.0}}))
+    out = tmp_path / "demo"
+    for _ in range(2):  # a second run reuses its own folder
+        completed = subprocess.run([sys.executable, "-m", "carlreg", "demo", "--model", str(model), "--out", str(out),
+                                    "--device", "cpu", "--progress", "none"], capture_output=True, text=True)
+        assert completed.returncode == 0, completed.stderr
+    for name in ("fixed_to_moving.h5", "warped.nii.gz", "report.png", "summary.json"):
+        assert (out / name).is_file() and str(out / name) in completed.stdout
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    completed = subprocess.run([sys.executable, "-m", "carlreg", "demo", "--model", str(model), "--out", str(other)],
+                               capture_output=True, text=True)
+    assert completed.returncode == 2 and "holds other files" in completed.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
