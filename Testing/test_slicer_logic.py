@@ -280,3 +280,70 @@ def test_devices_are_listed_without_importing_torch_in_the_gui(monkeypatch):
     assert "cuda" not in logic.availableDevices()
     monkeypatch.setattr(shutil_module, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
     assert "cuda" in logic.availableDevices()
+
+
+def _poll_until_done(widget, seconds=120):
+    deadline = time.monotonic() + seconds
+    while widget._timer.active and time.monotonic() < deadline:
+        widget.onPoll()
+        time.sleep(0.05)
+
+
+def test_the_widget_runs_a_registration_from_its_panel(scene_pair, tiny_model):
+    moving, fixed, _ = scene_pair
+    widget = module.CARLRegistrationWidget()
+    widget.setup()
+    ui = widget.ui
+    assert widget.layout.widgets and ui.modelComboBox.items[-1] == module.CUSTOM_MODEL
+    assert ui.deviceComboBox.items[0] == "auto" and ui.deviceComboBox.items[-1] == "cpu"
+    parameters = widget._parameterNode
+    assert parameters.fixedVolume is not None  # the first volume of the scene, as the template does
+    parameters.fixedVolume, parameters.movingVolume = None, None
+    widget._updateButtonState()
+    assert not ui.registerButton.enabled and "a moving volume and a fixed volume" in ui.registerButton.toolTip
+    parameters.movingVolume, parameters.fixedVolume = moving, fixed
+    parameters.model, parameters.customModelPath, parameters.device = module.CUSTOM_MODEL, str(tiny_model), "cpu"
+    widget._updateButtonState()
+    assert ui.registerButton.enabled and ui.registerButton.text == "Register"
+
+    widget.onRegisterButton()
+    assert ui.registerButton.text == "Cancel" and widget._timer.active
+    seen = set()
+    deadline = time.monotonic() + 120
+    while widget._timer.active and time.monotonic() < deadline:
+        widget.onPoll()
+        seen.add(ui.statusLabel.text)
+        time.sleep(0.05)
+    # the worker's progress reached the panel: "<stage>: step i of n[, t s left]"
+    assert any(": step " in text and text.split(":")[0] in {"loading", "registration", "transform", "metrics"} for text in seen)
+    assert ui.progressBar.value == 100 and ui.registerButton.text == "Register"
+    assert " s on cpu; LNCC " in ui.statusLabel.text and "folding" in ui.statusLabel.text
+    assert isinstance(parameters.outputTransform, slicer.vtkMRMLGridTransformNode)
+    assert np.allclose(slicer.util._ijk_to_ras(parameters.outputVolume), slicer.util._ijk_to_ras(fixed), atol=1e-6)
+
+
+def test_the_widget_cancels_and_reports_failures(scene_pair, tiny_model, tmp_path):
+    moving, fixed, _ = scene_pair
+    widget = module.CARLRegistrationWidget()
+    widget.setup()
+    parameters = widget._parameterNode
+    parameters.movingVolume, parameters.fixedVolume = moving, fixed
+    parameters.model, parameters.customModelPath, parameters.device = module.CUSTOM_MODEL, str(tiny_model), "cpu"
+    parameters.instanceOptimization, parameters.ioSteps = True, 500
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    widget.onRegisterButton()
+    deadline = time.monotonic() + 120
+    while "instance optimization" not in widget.ui.statusLabel.text and time.monotonic() < deadline:
+        widget.onPoll()
+        time.sleep(0.05)
+    widget.onRegisterButton()  # the button reads Cancel now
+    assert widget.ui.statusLabel.text == "Cancelled." and widget.ui.registerButton.text == "Register"
+    assert not widget._timer.active and slicer.mrmlScene.GetNumberOfNodes() == nodes
+
+    parameters.instanceOptimization = False
+    parameters.customModelPath = str(tmp_path / "absent.pt")
+    widget.onRegisterButton()
+    with pytest.raises(RuntimeError, match="model file not found"):
+        _poll_until_done(widget)
+    assert widget.ui.statusLabel.text.startswith("Failed: carl-register: load_model(): model file not found")
+    assert widget.ui.progressBar.value == 0 and slicer.mrmlScene.GetNumberOfNodes() == nodes

@@ -127,10 +127,11 @@ def markdown(card: dict) -> str:
         "",
         f"## Metrics on untouched test pairs ({card['metrics']['source']})",
         "",
-        "| test set | pairs | Dice before | Dice after (mean ± sd) | folding % |",
-        "|---|---|---|---|---|",
     ]
-    for test_set, figures in card["metrics"].get("test_pairs", {}).items():
+    if "test_pairs" not in card["metrics"]:
+        return "\n".join(lines) + "\n"
+    lines += ["| test set | pairs | Dice before | Dice after (mean ± sd) | folding % |", "|---|---|---|---|---|"]
+    for test_set, figures in card["metrics"]["test_pairs"].items():
         before = card["metrics"]["no_registration"][test_set]["dice"]
         lines.append(
             f"| {test_set} | {figures['pairs']} | {before:.3f} | {figures['dice']:.3f} ± {figures['dice_sd']:.3f} "

@@ -164,6 +164,43 @@ def setSliceViewerLayers(background=None, foreground=None, label=None, foregroun
     sliceViewerLayers.update(background=background, foreground=foreground, foregroundOpacity=foregroundOpacity)
 
 
+class _UiWidget:
+    """A widget of a .ui file: its class and name, the attributes the module sets (``text``,
+    ``enabled``, ``toolTip``, ``value``...), the items added, the slots connected. Qt itself is
+    exercised by Testing/panel_rendering.py; this serves the Widget class's own logic."""
+
+    def __init__(self, class_name: str, name: str):
+        self.className, self.objectName = class_name, name
+        self.items, self.slots, self.scene = [], {}, None
+        self.text, self.toolTip, self.enabled, self.value = "", "", True, 0
+
+    def connect(self, signal, slot):
+        self.slots[signal] = slot
+
+    def addItems(self, items):
+        self.items.extend(items)
+
+    def setMRMLScene(self, scene):
+        self.scene = scene
+
+
+def loadUI(path: str) -> _UiWidget:
+    """The .ui file's top widget; its children (every named widget) under ``children``."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(path).getroot().find("widget")
+    top = _UiWidget(root.get("class"), root.get("name"))
+    top.children = {w.get("name"): _UiWidget(w.get("class"), w.get("name")) for w in root.iter("widget") if w is not root}
+    return top
+
+
+def childWidgetVariables(widget: _UiWidget):
+    """An object whose attributes are the named child widgets."""
+    import types
+
+    return types.SimpleNamespace(**widget.children)
+
+
 @contextlib.contextmanager
 def tryWithErrorDisplay(message: str = "", waitCursor: bool = False):
     """Slicer shows the error in a dialog; here it propagates so tests see it."""
