@@ -37,8 +37,9 @@ def mean_dice(labels_a: torch.Tensor, labels_b: torch.Tensor, below: Optional[in
     return sum(scores.values()) / len(scores) if scores else float("nan")
 
 
-def folding_percent(phi: torch.Tensor) -> float:
-    """Percentage of grid points where a map folds (det ∂φ/∂x ≤ 0).
+def folding_percent(phi: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+    """Percentage of grid points where a map folds (det ∂φ/∂x ≤ 0), over the points where
+    ``mask`` (boolean, shape ``S``) is true if given.
 
     ``phi``: ``(1, D, *S)`` map, unit frame (:mod:`carlreg.maps`), on its own grid of shape ``S``.
     The determinant is :func:`carlreg.geometry.jacobian_determinant`'s, in voxel units.
@@ -55,5 +56,7 @@ def folding_percent(phi: torch.Tensor) -> float:
     voxels = (phi[0].double().cpu() - identity_map(shape, dtype=torch.float64)[0]) * scale
     # SimpleITK vectors are (x, y, z): the tensor's channels reversed, in a grid of unit spacing
     field = sitk.GetImageFromArray(voxels.flip(0).movedim(0, -1).numpy(), isVector=True)
-    determinant = sitk.GetArrayFromImage(jacobian_determinant(field))
-    return 100.0 * float((determinant <= 0).mean())
+    folded = sitk.GetArrayFromImage(jacobian_determinant(field)) <= 0
+    if mask is not None:
+        folded = folded[mask.cpu().numpy().astype(bool)]
+    return 100.0 * float(folded.mean()) if folded.size else float("nan")
