@@ -174,7 +174,7 @@ class PairsSource:
     def __init__(self, csv_path: Path, shape: Sequence[int], modality: str = "auto") -> None:
         import csv
 
-        from .geometry import resize_to_network
+        from .geometry import to_network
         from .io import image_to_tensor, read_image
         from .preprocess import normalize_intensities
 
@@ -189,7 +189,8 @@ class PairsSource:
 
         def image(relative: str) -> torch.Tensor:
             loaded = canonical_orientation(read_image(csv_path.parent / relative))
-            return resize_to_network(normalize_intensities(image_to_tensor(loaded), modality, relative), self.shape)
+            # whole arrays resized: a model trained on them has no physical input spacing
+            return to_network(normalize_intensities(image_to_tensor(loaded), modality, relative), self.shape)
 
         def labels(relative: str) -> torch.Tensor:
             if not relative:

@@ -38,7 +38,6 @@ __all__ = [
     "canonical_orientation",
     "network_ratios",
     "to_network",
-    "resize_to_network",
     "index_to_unit",
     "unit_to_index",
     "output_grid",
@@ -92,11 +91,6 @@ def to_network(image: torch.Tensor, shape: Sequence[int], ratios: Optional[Seque
         axes.append(index / max(n_image - 1, 1) * 2 - 1)
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)  # grid_sample wants x, y, z last
     return F.grid_sample(image, grid[None].to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
-
-
-def resize_to_network(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``(1, 1, *S)`` image array resized to ``(1, 1, *shape)`` (linear, ``align_corners=False``)."""
-    return to_network(image, shape)
 
 
 def index_to_unit(index: np.ndarray, image_size: int, network_size: int, ratio: Optional[float] = None) -> np.ndarray:
