@@ -429,3 +429,7 @@ def test_the_demo_pair_and_command(tmp_path):
                                capture_output=True, text=True)
     assert completed.returncode == 2 and "holds other files" in completed.stderr
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    completed = subprocess.run([sys.executable, "-m", "carlreg", "demo", "--model", "no-such-model", "--out", str(tmp_path / "new")],
+                               capture_output=True, text=True)
+    assert completed.returncode == 2 and "no model named 'no-such-model'" in completed.stderr
+    assert not (tmp_path / "new").exists()

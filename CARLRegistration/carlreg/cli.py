@@ -244,7 +244,10 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
 
     def body() -> None:
         from .demo import make_demo_pair
+        from .registry import model_card
 
+        if not Path(args.model).exists():
+            model_card(args.model)  # an unknown model fails here, before any file is written
         marker = out / ".carlreg-demo"
         if out.exists() and any(out.iterdir()) and not marker.exists():
             raise ValueError(f"{out} holds other files: give the demo a new or empty folder (--out)")
