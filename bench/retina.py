@@ -45,43 +45,44 @@ RETINA_LEVEL = 0.05
 
 
 @torch.no_grad()
-def evaluate(models: dict, warps: int, folder: Path = DRIVE) -> list:
-    """One row per (variant, pair, method): Dice and folding %."""
+def score_pairs(models: dict, pairs, folding: bool = True) -> list:
+    """One row per (pair, method incl. "none"): vessel Dice and, with ``folding``, the folding %
+    of the map over the image and over the fixed image's retina."""
     rows = []
-    for variant in RETINA_VARIANTS:
-        pairs = DriveSource(folder, "test", variant).fixed_set(warps)
-        for index in range(len(pairs.moving)):
-            moving, fixed = pairs.moving[index : index + 1], pairs.fixed[index : index + 1]
-            moving_labels, fixed_labels = pairs.moving_labels[index : index + 1], pairs.fixed_labels[index : index + 1]
-            retina = fixed[0, 0] > RETINA_LEVEL
-            rows.append({"variant": variant, "pair": index, "method": "none", "dice": mean_dice(moving_labels, fixed_labels),
-                         "folding_percent": 0.0, "folding_in_retina_percent": 0.0})
-            for method, model in models.items():
-                phi = model(moving, fixed)
-                warped = sample(moving_labels.float(), phi, mode="nearest").round().long()
-                rows.append({"variant": variant, "pair": index, "method": method, "dice": mean_dice(warped, fixed_labels),
-                             "folding_percent": folding_percent(phi), "folding_in_retina_percent": folding_percent(phi, retina)})
+    for index in range(len(pairs.moving)):
+        moving, fixed = pairs.moving[index : index + 1], pairs.fixed[index : index + 1]
+        moving_labels, fixed_labels = pairs.moving_labels[index : index + 1], pairs.fixed_labels[index : index + 1]
+        rows.append({"pair": index, "method": "none", "dice": mean_dice(moving_labels, fixed_labels),
+                     **({"folding_percent": 0.0, "folding_in_retina_percent": 0.0} if folding else {})})
+        for method, model in models.items():
+            phi = model(moving, fixed)
+            warped = sample(moving_labels.float(), phi, mode="nearest").round().long()
+            row = {"pair": index, "method": method, "dice": mean_dice(warped, fixed_labels)}
+            if folding:
+                row["folding_percent"] = folding_percent(phi)
+                row["folding_in_retina_percent"] = folding_percent(phi, fixed[0, 0] > RETINA_LEVEL)
+            rows.append(row)
     return rows
 
 
-@torch.no_grad()
+def evaluate(models: dict, warps: int, folder: Path = DRIVE) -> list:
+    """One row per (variant, pair, method): Dice and folding %."""
+    return [
+        {"variant": variant, **row}
+        for variant in RETINA_VARIANTS
+        for row in score_pairs(models, DriveSource(folder, "test", variant).fixed_set(warps))
+    ]
+
+
 def sweep(models: dict, warps: int, folder: Path = DRIVE) -> dict:
     """Mean Dice against the fixed image's downward shift (pooled pixels), Baseline warps:
     ``{method: {shift: dice}}`` (the paper's Fig. 4, in 2-D)."""
     source = DriveSource(folder, "test", "baseline")
     result: dict = {method: {} for method in ["none", *models]}
     for shift in SWEEP_SHIFTS:
-        pairs = source.fixed_set(warps, shift_rows=shift * POOL)
-        scores: dict = {method: [] for method in result}
-        for index in range(len(pairs.moving)):
-            moving, fixed = pairs.moving[index : index + 1], pairs.fixed[index : index + 1]
-            moving_labels, fixed_labels = pairs.moving_labels[index : index + 1], pairs.fixed_labels[index : index + 1]
-            scores["none"].append(mean_dice(moving_labels, fixed_labels))
-            for method, model in models.items():
-                warped = sample(moving_labels.float(), model(moving, fixed), mode="nearest").round().long()
-                scores[method].append(mean_dice(warped, fixed_labels))
-        for method, values in scores.items():
-            result[method][shift] = statistics.mean(values)
+        rows = score_pairs(models, source.fixed_set(warps, shift_rows=shift * POOL), folding=False)
+        for method in result:
+            result[method][shift] = statistics.mean(r["dice"] for r in rows if r["method"] == method)
     return result
 
 
