@@ -49,15 +49,11 @@ MODELS = {
 }
 
 
-def wall_clock_hours(log: Path) -> float:
-    """Sum of the per-step times of a training log."""
-    return sum(json.loads(line).get("seconds", 0.0) for line in log.read_text().splitlines() if line.strip()) / 3600
-
-
 def card_for(name: str, run: Path, metrics_path: Path) -> dict:
     info = MODELS[name]
     config = json.loads((run / "config.json").read_text())
-    checkpoint_log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    # the training log: one record per step (their seconds add up to the wall-clock time)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     sha256 = sha256_of(run / "model.pt")
     card_metrics = {"source": f"pending: ship, run python bench/{metrics_path.stem}.py, ship again"}
     if metrics_path.is_file():
@@ -89,7 +85,7 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
         "training": {
             "data": config["data"],
             "retina_variant": config.get("retina_variant") if config["data"] == "drive2d" else None,
-            "steps": checkpoint_log[-1]["step"],
+            "steps": records[-1]["step"],
             "diffusion_steps": config["diffusion_steps"],
             "batch_size": config["batch_size"],
             "learning_rate": config["learning_rate"],
@@ -97,7 +93,7 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "lncc_sigma": config["sigma"],
             "seed": config["seed"],
             "config": f"weights/training/{name}.json",
-            "wall_clock_hours": round(wall_clock_hours(run / "log.jsonl"), 2),
+            "wall_clock_hours": round(sum(r.get("seconds", 0.0) for r in records) / 3600, 2),
             "hardware": "2 CPU cores (x86-64, AVX-512), no GPU",
         },
         "metrics": card_metrics,
