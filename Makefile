@@ -49,6 +49,7 @@ bench-retina: $(VENV)/.installed
 
 bench-brain: $(VENV)/.bench-installed
 	$(PY) bench/brain.py
+	$(PY) bench/brain.py --sweep
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -229,8 +229,8 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         return importlib.import_module(f"carlreg.{name}")
 
     def availableModels(self) -> List[str]:
-        """Shipped models for volumes (3-D); the 2-D ones serve the command line and benchmarks."""
-        return self._engine("registry").available_models(dimension=3)
+        """Shipped models for volumes (3-D); the 2-D ones and the baselines serve the command line and benchmarks."""
+        return self._engine("registry").available_models(dimension=3, baselines=False)
 
     def availableDevices(self) -> List[str]:
         """auto, then a GPU when one is present, then cpu.

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -347,3 +348,10 @@ def test_the_widget_cancels_and_reports_failures(scene_pair, tiny_model, tmp_pat
         _poll_until_done(widget)
     assert widget.ui.statusLabel.text.startswith("Failed: carl-register: load_model(): model file not found")
     assert widget.ui.progressBar.value == 0 and slicer.mrmlScene.GetNumberOfNodes() == nodes
+
+
+def test_the_modules_own_self_test_passes_with_the_shipped_model():
+    """CARLRegistrationTest (what Slicer's Reload and Test runs) with the first shipped 3-D model."""
+    assert module.CARLRegistrationLogic().availableModels()[0] == "carl-brain-3d"
+    result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(module.CARLRegistrationTest("runTest"))
+    assert result.wasSuccessful() and not result.skipped, result.errors + result.failures + result.skipped

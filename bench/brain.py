@@ -12,15 +12,18 @@ and peak memory (resident set) of a fresh process per run.
 
 - none: the identity in physical space.
 - ours: ``carlreg.register`` with a model (default ``carl-brain-3d``), ``--io-steps`` for IO.
+- displacement_only: the same with the displacement-only network trained the same way
+  (``--unet-model``, default ``unet-brain-3d``; the paper's variant 1).
 - ANTs SyN: antspyx ``registration(type_of_transform="SyN")`` (its default: affine then SyN).
 - Elastix: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
 
-The translation sweep (``--sweep``, the paper's Fig. 4): pair 19 → 20 with the fixed image's
-content moved so that the brains' centroids coincide, then shifted by 0, 10, …, 60 mm along each
-axis (within the same grid: the field of view changes); ours, the
-displacement-only network trained the same way (``--unet-model``), ANTs and Elastix.
+The translation sweep (``--sweep``, the paper's Fig. 4): pair 19 → 20 with the fixed image (grid
+and content) moved so that the brains' centroids coincide, then its content shifted by 0, 10, …,
+60 mm along each axis within its grid (what leaves the field of view is lost, as a scan placed
+differently would lose it); ours, the displacement-only network trained the same way
+(``--unet-model``), ANTs and Elastix.
 
-Usage: python bench/brain.py [--model NAME_OR_FILE] [--io-steps 50] [--methods none,ours,ours_io,ants,elastix]
+Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_io,displacement_only,ants,elastix]
        python bench/brain.py --sweep [--model ...] [--unet-model ...]
 Writes bench/results/brain.{txt,csv,json}, or brain_sweep.{txt,csv,png}.
 """
@@ -50,11 +53,14 @@ sys.path.insert(0, str(REPO / "CARLRegistration"))
 from carlreg.data import BRAIN_LABEL_LIMIT, SPLITS, label_map_image, random_contrast, synthesize_image  # noqa: E402
 from carlreg.geometry import jacobian_determinant  # noqa: E402
 from carlreg.metrics import mean_dice  # noqa: E402
+from carlreg.registry import available_models, model_card  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 LABEL_MAPS = REPO.parent / "shared" / "data" / "synthseg_label_maps"
 SHAPE, SPACING_MM = (128, 128, 128), 2.0
-METHODS = ("none", "ours", "ours_io", "ants", "elastix")
+METHODS = ("none", "ours", "ours_io", "displacement_only", "ants", "elastix")
+#: the test set's name in the result JSON and the model cards
+TEST_SET = "subjects 19-20"
 #: the translation sweep: shifts of the fixed image's content (mm) along each axis, methods
 SWEEP_SHIFTS_MM = (0, 10, 20, 30, 40, 50, 60)
 SWEEP_METHODS = ("none", "ours", "displacement_only", "ants", "elastix")
@@ -62,11 +68,24 @@ AXES = {"x (L→R)": 0, "y (P→A)": 1, "z (I→S)": 2}
 SEED = 2026
 
 
+def versions() -> str:
+    """The versions of the packages the figures depend on, for the result headers."""
+    from importlib import metadata
+
+    found = []
+    for package in ("torch", "SimpleITK", "antspyx", "itk-elastix"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{package} absent")
+    return ", ".join(found)
+
+
 def make_pairs(folder: Path, shift_mm=None) -> list:
     """Write the test images and label maps to ``folder``: ``[(moving, fixed), ...]`` of
     ``{"image": path, "labels": path, "subject": n}``. With ``shift_mm`` (x, y, z, LPS; the
     translation sweep) the fixed image's content is first moved so that the two brains'
-    centroids coincide, then by ``shift_mm``."""
+    centroids coincide (its origin moved: no resampling), then its content by ``shift_mm`` within its grid."""
     subjects = SPLITS["test"]
     label_maps = {s: label_map_image(LABEL_MAPS / f"training_seg_{s:02d}.nii.gz", SHAPE, SPACING_MM) for s in subjects}
     tensors = {s: torch.from_numpy(sitk.GetArrayFromImage(m).astype(np.int64)) for s, m in label_maps.items()}
@@ -85,8 +104,9 @@ def make_pairs(folder: Path, shift_mm=None) -> list:
         for role, subject in (("moving", moving), ("fixed", fixed)):
             image, labels = files[subject]["sitk"]
             if role == "fixed" and shift_mm is not None:
-                offset = _brain_centroid(files[moving]["sitk"][1]) - _brain_centroid(labels) + np.asarray(shift_mm, float)
-                image, labels = _shifted(image, offset), _shifted(labels, offset)
+                offset = _brain_centroid(files[moving]["sitk"][1]) - _brain_centroid(labels)
+                image, labels = _moved_grid(image, offset), _moved_grid(labels, offset)
+                image, labels = _shifted(image, shift_mm), _shifted(labels, shift_mm)
             paths = {"image": folder / f"{role}{moving}-{fixed}_image.nii.gz",
                      "labels": folder / f"{role}{moving}-{fixed}_labels.nii.gz", "subject": subject}
             sitk.WriteImage(image, str(paths["image"]))
@@ -101,6 +121,13 @@ def _brain_centroid(labels: sitk.Image) -> np.ndarray:
     array = sitk.GetArrayViewFromImage(labels)
     index = np.argwhere((array > 0) & (array < BRAIN_LABEL_LIMIT)).mean(axis=0)[::-1]
     return np.array(labels.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+
+
+def _moved_grid(image: sitk.Image, offset_mm) -> sitk.Image:
+    """The same voxels on a grid moved by ``offset_mm`` (LPS)."""
+    moved = sitk.Image(image)
+    moved.SetOrigin(tuple(np.add(image.GetOrigin(), offset_mm)))
+    return moved
 
 
 def _shifted(image: sitk.Image, shift_mm) -> sitk.Image:
@@ -209,7 +236,7 @@ def sweep(model: str, unet_model: str, methods, output: str) -> None:
                     rows.append({"axis": axis_name, "shift_mm": shift, "method": method, **figures})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     lines = [f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures",
+             f"{versions()}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures",
              f"{'axis':<9} {'method':<18} " + " ".join(f"{s:>5}mm" for s in SWEEP_SHIFTS_MM)]
     for axis_name in AXES:
         for method in methods:
@@ -267,22 +294,27 @@ def main(argv=None) -> None:
         return
     methods = [m for m in (args.methods or ",".join(METHODS)).split(",") if m]
     args.output = args.output or "brain"
+    names = {method: args.unet_model if method == "displacement_only" else args.model
+             for method in methods if method in ("ours", "ours_io", "displacement_only")}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-brain-data-") as folder:
         for moving, fixed in make_pairs(Path(folder)):
             for method in methods:
-                figures = run_in_fresh_process(method, moving, fixed, args.model, args.io_steps)
+                figures = run_in_fresh_process(method, moving, fixed, names.get(method, args.model), args.io_steps)
                 rows.append({"method": method, "moving": moving["subject"], "fixed": fixed["subject"], **figures})
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    header = (f"# bench/brain.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-              f"model {args.model}, IO {args.io_steps} steps; subjects {SPLITS['test']} both directions, 2 mm, 128³")
-    lines = [header, f"{'method':<9} {'Dice':>6} {'folding %':>9} {'seconds':>8} {'peak GiB':>8}"]
+    header = (f"# bench/brain.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, {versions()}; "
+              f"model {args.model}, displacement-only {args.unet_model}, IO {args.io_steps} steps; "
+              f"subjects {SPLITS['test']} both directions, 2 mm, 128³")
+    lines = [header, f"{'method':<17} {'Dice':>6} {'sd':>6} {'folding %':>9} {'seconds':>8} {'peak GiB':>8}"]
     summary = {}
     for method in methods:
         group = [r for r in rows if r["method"] == method]
-        summary[method] = {key: statistics.mean(r[key] for r in group) for key in ("dice", "folding_percent", "seconds", "peak_rss_gib")}
-        s = summary[method]
-        lines.append(f"{method:<9} {s['dice']:6.3f} {s['folding_percent']:9.3f} {s['seconds']:8.1f} {s['peak_rss_gib']:8.2f}")
+        figures = {key: statistics.mean(r[key] for r in group) for key in ("dice", "folding_percent", "seconds", "peak_rss_gib")}
+        figures.update(dice_sd=statistics.stdev(r["dice"] for r in group), pairs=len(group))
+        summary[method] = {TEST_SET: figures}
+        lines.append(f"{method:<17} {figures['dice']:6.3f} {figures['dice_sd']:6.3f} {figures['folding_percent']:9.3f} "
+                     f"{figures['seconds']:8.1f} {figures['peak_rss_gib']:8.2f}")
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -291,8 +323,15 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (RESULTS / f"{args.output}.json").write_text(json.dumps({"model": args.model, "io_steps": args.io_steps,
-                                                           "date": str(datetime.date.today()), "summary": summary, "rows": rows}, indent=2))
+    shipped = set(available_models())
+    (RESULTS / f"{args.output}.json").write_text(json.dumps({
+        "models": names,
+        "weights_sha256": {method: model_card(name)["sha256"] if name in shipped else None for method, name in names.items()},
+        "io_steps": args.io_steps,
+        "date": str(datetime.date.today()),
+        "summary": summary,
+        "rows": rows,
+    }, indent=2) + "\n")
 
 
 if __name__ == "__main__":

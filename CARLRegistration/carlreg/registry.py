@@ -29,9 +29,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def available_models(dimension: Optional[int] = None) -> List[str]:
+def available_models(dimension: Optional[int] = None, baselines: bool = True) -> List[str]:
     """Names of the shipped models (cards in ``WEIGHTS_DIR`` with their weights file present or a
-    url), optionally only those for images of ``dimension`` (2 or 3)."""
+    url), optionally only those for images of ``dimension`` (2 or 3); ``baselines=False`` leaves
+    out the comparison networks (cards with ``baseline_for``) that serve the benchmarks."""
     names = []
     for card in sorted(WEIGHTS_DIR.glob("*.json")):
         try:
@@ -41,6 +42,8 @@ def available_models(dimension: Optional[int] = None) -> List[str]:
         if not isinstance(info, dict) or not isinstance(info.get("architecture"), dict):
             continue
         if dimension is not None and info["architecture"].get("dimension") != dimension:
+            continue
+        if not baselines and info.get("baseline_for"):
             continue
         if (WEIGHTS_DIR / info.get("file", "")).is_file() or info.get("url"):
             names.append(card.stem)
