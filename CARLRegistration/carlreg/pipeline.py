@@ -111,9 +111,10 @@ def register(
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; each keeps its own geometry (no pre-alignment needed).
 
-    Each image is reoriented (axes permuted and flipped, exactly) to RAS, its whole array is
-    resized to the network's input shape, and the network's map is turned into a physical
-    displacement field on the fixed image's own grid.
+    Each image is reoriented (axes permuted and flipped, exactly) to RAS and brought to the
+    network's input grid (:func:`carlreg.geometry.to_network`: sampled at the model's
+    ``input_spacing_mm`` on a grid centred on the image, or its whole array resized), and the
+    network's map is turned into a physical displacement field on the fixed image's own grid.
 
     Args:
         moving, fixed: images or paths (anything SimpleITK reads, or a DICOM folder).

@@ -15,8 +15,18 @@ from typing import Dict, List, Optional
 
 __all__ = ["WEIGHTS_DIR", "CACHE_DIR", "available_models", "model_card", "weights_path", "sha256_of"]
 
-#: shipped models: ``$CARLREG_WEIGHTS`` or the repository's ``weights/`` folder
-WEIGHTS_DIR = Path(os.environ.get("CARLREG_WEIGHTS", Path(__file__).resolve().parents[2] / "weights"))
+def _weights_dir() -> Path:
+    """``$CARLREG_WEIGHTS``; else the repository's ``weights/`` (a source checkout); else the
+    module's ``Resources/Weights`` of the built Slicer extension (``CARLRegistration/CMakeLists.txt``)."""
+    if os.environ.get("CARLREG_WEIGHTS"):
+        return Path(os.environ["CARLREG_WEIGHTS"])
+    package = Path(__file__).resolve().parent
+    checkout, extension = package.parents[1] / "weights", package.parent / "Resources" / "Weights"
+    return extension if extension.is_dir() and not checkout.is_dir() else checkout
+
+
+#: the folder of the shipped models
+WEIGHTS_DIR = _weights_dir()
 #: downloaded weights: ``$CARLREG_CACHE`` or ``~/.cache/carlreg``
 CACHE_DIR = Path(os.environ.get("CARLREG_CACHE", Path.home() / ".cache" / "carlreg"))
 

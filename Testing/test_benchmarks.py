@@ -1,0 +1,51 @@
+"""The benchmarks' ground truth: what bench/ scripts measure against is what they claim."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+
+from conftest import REPO, shared_data_path
+
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_known_warp_truth_is_the_inverse_of_the_warp_that_made_the_moving_image(tmp_path):
+    """The exact fixed → moving transform (T⁻¹, by inverting T's field) scores ~0 mm; the identity
+    scores the displacement T applies, which is of the size asked for."""
+    shared_data_path("totalsegmentator_examples", "example_ct.nii.gz")
+    known_warp = _bench("known_warp")
+    fixed = sitk.Cast(sitk.ReadImage(str(known_warp.CT)), sitk.sitkFloat32)
+    _, x, y = known_warp.make_case(fixed, 0, tmp_path)
+    field = sitk.TransformToDisplacementField(known_warp.known_transform(fixed, 0), sitk.sitkVectorFloat64, fixed.GetSize(),
+                                              fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
+    exact = sitk.DisplacementFieldTransform(sitk.InvertDisplacementField(field, maximumNumberOfIterations=50))
+    errors = np.linalg.norm(np.array([exact.TransformPoint(p.tolist()) for p in y]) - x, axis=1)
+    assert np.median(errors) < 0.05 and errors.mean() < 0.5
+    moved = np.linalg.norm(y - x, axis=1)
+    assert 5.0 < moved.mean() < np.sqrt(3) * known_warp.TRANSLATION_MM + 4 * known_warp.DEFORMATION_MM
+
+
+def test_brain_sweep_pairs_are_centroid_aligned_then_shifted(tmp_path):
+    shared_data_path("synthseg_label_maps")
+    brain = _bench("brain")
+    for shift in ([0.0, 0.0, 0.0], [0.0, -30.0, 0.0], [0.0, 0.0, 60.0]):
+        folder = tmp_path / str(shift[1] + shift[2])
+        folder.mkdir()
+        moving, fixed = brain.make_pairs(folder, shift)[0]
+        moving_labels, fixed_labels = sitk.ReadImage(str(moving["labels"])), sitk.ReadImage(str(fixed["labels"]))
+        offset = brain._brain_centroid(fixed_labels) - brain._brain_centroid(moving_labels)
+        # at 60 mm part of the head leaves the field of view, which moves the centroid a little
+        assert np.allclose(offset, shift, atol=1.0 if max(map(abs, shift)) < 60 else 4.0), (shift, offset)
+        if not any(shift):  # aligned by moving the grid, not by resampling: the voxels are the scan's own
+            original = brain.label_map_image(brain.LABEL_MAPS / "training_seg_20.nii.gz", brain.SHAPE, brain.SPACING_MM)
+            assert (sitk.GetArrayFromImage(fixed_labels) == sitk.GetArrayFromImage(original)).all()

@@ -1,0 +1,79 @@
+"""The classical registrations the benchmarks compare with, each as its tool's users run it.
+
+- ANTs SyN: antspyx ``registration(type_of_transform="SyN")`` (its default: affine then SyN).
+- Elastix: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
+
+Each returns what the benchmarks need of it: a function that warps another image of the moving
+space onto the fixed grid with the tool's own resampling (labels with nearest neighbour), and
+the fixed → moving displacement field (LPS mm, on the fixed grid), so that every method's
+accuracy and folding are measured with one formula.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Tuple
+
+import SimpleITK as sitk
+
+__all__ = ["ants_syn", "elastix_affine_bspline", "versions"]
+
+#: warp(moving-space image path, is_label) -> the image resampled onto the fixed grid
+Warp = Callable[[Path, bool], sitk.Image]
+
+
+def versions() -> str:
+    """The versions of the packages the benchmarks' figures depend on, for their result headers."""
+    from importlib import metadata
+
+    found = []
+    for package in ("torch", "SimpleITK", "antspyx", "itk-elastix"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{package} absent")
+    return ", ".join(found)
+
+
+def ants_syn(moving: Path, fixed: Path, work: Path) -> Tuple[Warp, sitk.Image]:
+    """ANTs SyN with antspyx's defaults; intermediate files go to ``work``."""
+    import ants
+
+    fixed_ants, moving_ants = ants.image_read(str(fixed)), ants.image_read(str(moving))
+    registration = ants.registration(fixed=fixed_ants, moving=moving_ants, type_of_transform="SyN",
+                                     outprefix=str(work / "ants_"))
+
+    def warp(path: Path, is_label: bool) -> sitk.Image:
+        warped = ants.apply_transforms(fixed=fixed_ants, moving=ants.image_read(str(path)),
+                                       transformlist=registration["fwdtransforms"],
+                                       interpolator="genericLabel" if is_label else "linear")
+        out = work / "ants_warped.nii.gz"
+        warped.to_file(str(out))
+        return sitk.Cast(sitk.ReadImage(str(out)), sitk.sitkInt32) if is_label else sitk.ReadImage(str(out))
+
+    composite = ants.apply_transforms(fixed=fixed_ants, moving=moving_ants, transformlist=registration["fwdtransforms"],
+                                      compose=str(work / "ants_composite_"))
+    return warp, sitk.ReadImage(composite, sitk.sitkVectorFloat64)
+
+
+def elastix_affine_bspline(moving: Path, fixed: Path, work: Path) -> Tuple[Warp, sitk.Image]:
+    """Elastix with its default affine and B-spline parameter maps; it writes into ``work``."""
+    import itk
+
+    fixed_itk, moving_itk = itk.imread(str(fixed), itk.F), itk.imread(str(moving), itk.F)
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    _, transform_parameters = itk.elastix_registration_method(
+        fixed_itk, moving_itk, parameter_object=parameters, log_to_console=False, output_directory=str(work))
+
+    def warp(path: Path, is_label: bool) -> sitk.Image:
+        for index in range(transform_parameters.GetNumberOfParameterMaps()):
+            transform_parameters.SetParameter(index, "FinalBSplineInterpolationOrder", "0" if is_label else "3")
+        warped = itk.transformix_filter(itk.imread(str(path), itk.F), transform_parameters)
+        out = work / "elastix_warped.nii.gz"
+        itk.imwrite(warped, str(out))
+        return sitk.Cast(sitk.ReadImage(str(out)), sitk.sitkInt32) if is_label else sitk.ReadImage(str(out))
+
+    deformation = itk.transformix_deformation_field(moving_itk, transform_parameters)
+    itk.imwrite(deformation, str(work / "elastix_field.nii.gz"))
+    return warp, sitk.ReadImage(str(work / "elastix_field.nii.gz"), sitk.sitkVectorFloat64)
