@@ -1,6 +1,7 @@
 """The classical registrations the benchmarks compare with, each as its tool's users run it.
 
-- ANTs SyN: antspyx ``registration(type_of_transform="SyN")`` (its default: affine then SyN).
+- ANTs SyN: antspyx ``registration(type_of_transform="SyN")`` (its default: affine then SyN),
+  with a fixed random seed.
 - Elastix: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
 
 Each returns what the benchmarks need of it: a function that warps another image of the moving
@@ -17,6 +18,7 @@ import SimpleITK as sitk
 
 __all__ = ["ants_syn", "elastix_affine_bspline", "versions"]
 
+SEED = 2026
 #: warp(moving-space image path, is_label) -> the image resampled onto the fixed grid
 Warp = Callable[[Path, bool], sitk.Image]
 
@@ -38,6 +40,10 @@ def ants_syn(moving: Path, fixed: Path, work: Path) -> Tuple[Warp, sitk.Image]:
     """ANTs SyN with antspyx's defaults; intermediate files go to ``work``."""
     import ants
 
+    # its affine stage samples the metric at random points: seeded (antsRegistration's
+    # --random-seed) so that a rerun prints the same figures; set_ants_deterministic would also
+    # force a single thread, which would misstate its speed
+    ants.config._random_seed = SEED
     fixed_ants, moving_ants = ants.image_read(str(fixed)), ants.image_read(str(moving))
     registration = ants.registration(fixed=fixed_ants, moving=moving_ants, type_of_transform="SyN",
                                      outprefix=str(work / "ants_"))

@@ -14,8 +14,8 @@ and peak memory (resident set) of a fresh process per run.
 - ours: ``carlreg.register`` with a model (default ``carl-brain-3d``), ``--io-steps`` for IO.
 - displacement_only: the same with the displacement-only network trained the same way
   (``--unet-model``, default ``unet-brain-3d``; the paper's variant 1).
-- ANTs SyN: antspyx ``registration(type_of_transform="SyN")`` (its default: affine then SyN).
-- Elastix: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
+- ANTs SyN and Elastix (affine + B-spline), each with its defaults (``bench/baselines.py``); the
+  labels are warped by each tool itself (nearest neighbour).
 
 The translation sweep (``--sweep``, the paper's Fig. 4): pair 19 → 20 with the fixed image (grid
 and content) moved so that the brains' centroids coincide, then its content shifted by 0, 10, …,
@@ -49,7 +49,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CARLRegistration"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from baselines import ants_syn, elastix_affine_bspline, versions  # noqa: E402
 from carlreg.data import BRAIN_LABEL_LIMIT, SPLITS, label_map_image, random_contrast, synthesize_image  # noqa: E402
 from carlreg.geometry import jacobian_determinant  # noqa: E402
 from carlreg.metrics import mean_dice  # noqa: E402
@@ -66,19 +68,6 @@ SWEEP_SHIFTS_MM = (0, 10, 20, 30, 40, 50, 60)
 SWEEP_METHODS = ("none", "ours", "displacement_only", "ants", "elastix")
 AXES = {"x (L→R)": 0, "y (P→A)": 1, "z (I→S)": 2}
 SEED = 2026
-
-
-def versions() -> str:
-    """The versions of the packages the figures depend on, for the result headers."""
-    from importlib import metadata
-
-    found = []
-    for package in ("torch", "SimpleITK", "antspyx", "itk-elastix"):
-        try:
-            found.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{package} absent")
-    return ", ".join(found)
 
 
 def make_pairs(folder: Path, shift_mm=None) -> list:
@@ -166,44 +155,14 @@ def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, w
         result = register(moving_image, fixed_image, model, modality="max", device="cpu",
                           io_steps=io_steps if method == "ours_io" else 0, moving_labels=moving_labels)
         warped, field = result.warped_labels, result.transform.GetDisplacementField()
-    elif method == "ants":
-        import ants
-
-        fixed_ants, moving_ants = ants.image_read(str(fixed["image"])), ants.image_read(str(moving["image"]))
-        registration = ants.registration(fixed=fixed_ants, moving=moving_ants, type_of_transform="SyN",
-                                         outprefix=str(work / "ants_"))
-        labels = ants.apply_transforms(fixed=ants.image_read(str(fixed["labels"])), moving=ants.image_read(str(moving["labels"])),
-                                       transformlist=registration["fwdtransforms"], interpolator="genericLabel")
-        warped = sitk.Cast(sitk.ReadImage(_ants_write(labels, work / "ants_labels.nii.gz")), sitk.sitkInt32)
-        composite = ants.apply_transforms(fixed=fixed_ants, moving=moving_ants, transformlist=registration["fwdtransforms"],
-                                          compose=str(work / "ants_composite_"))
-        field = sitk.ReadImage(composite, sitk.sitkVectorFloat64)
-    elif method == "elastix":
-        import itk
-
-        fixed_itk, moving_itk = itk.imread(str(fixed["image"]), itk.F), itk.imread(str(moving["image"]), itk.F)
-        parameters = itk.ParameterObject.New()
-        parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
-        parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
-        _, transform_parameters = itk.elastix_registration_method(
-            fixed_itk, moving_itk, parameter_object=parameters, log_to_console=False, output_directory=str(work))
-        for index in range(transform_parameters.GetNumberOfParameterMaps()):
-            transform_parameters.SetParameter(index, "FinalBSplineInterpolationOrder", "0")
-        labels = itk.transformix_filter(itk.imread(str(moving["labels"]), itk.F), transform_parameters)
-        itk.imwrite(labels, str(work / "elastix_labels.nii.gz"))
-        warped = sitk.Cast(sitk.ReadImage(str(work / "elastix_labels.nii.gz")), sitk.sitkInt32)
-        deformation = itk.transformix_deformation_field(moving_itk, transform_parameters)
-        itk.imwrite(deformation, str(work / "elastix_field.nii.gz"))
-        field = sitk.ReadImage(str(work / "elastix_field.nii.gz"), sitk.sitkVectorFloat64)
+    elif method in ("ants", "elastix"):
+        run = ants_syn if method == "ants" else elastix_affine_bspline
+        warp, field = run(Path(moving["image"]), Path(fixed["image"]), work)
+        warped = warp(Path(moving["labels"]), True)
     else:
         raise ValueError(f"run_one(): method must be one of {METHODS}, got {method!r}")
     seconds = time.perf_counter() - started
     return {"dice": _dice(warped, fixed_labels), "folding_percent": _folding(field), "seconds": seconds}
-
-
-def _ants_write(image, path: Path) -> str:
-    image.to_file(str(path))
-    return str(path)
 
 
 def run_in_fresh_process(method: str, moving: dict, fixed: dict, model: str, io_steps: int) -> dict:
@@ -332,6 +291,29 @@ def main(argv=None) -> None:
         "summary": summary,
         "rows": rows,
     }, indent=2) + "\n")
+    plot_table(summary, RESULTS / f"{args.output}.png")
+
+
+def plot_table(summary: dict, path: Path) -> None:
+    """Mean Dice (± sd) per method, with its time per pair written on the bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    figures = [summary[m][TEST_SET] for m in methods]
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    bars = axis.bar(range(len(methods)), [f["dice"] for f in figures], yerr=[f["dice_sd"] for f in figures], capsize=4)
+    for bar, f in zip(bars, figures):
+        axis.text(bar.get_x() + bar.get_width() / 2, 0.01, f"{f['seconds']:.1f} s", ha="center", va="bottom", fontsize=8,
+                  color="white")
+    axis.set_xticks(range(len(methods)), [m.replace("_", "\n") for m in methods], fontsize=8)
+    axis.set_ylabel("mean Dice, brain structures")
+    axis.set_title(f"subjects 19 ↔ 20 ({figures[0]['pairs']} pairs, no pre-alignment); time per pair on the bars", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
