@@ -11,8 +11,10 @@ accuracy and folding are measured with one formula.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import SimpleITK as sitk
 
@@ -34,6 +36,17 @@ def versions() -> str:
         except metadata.PackageNotFoundError:
             found.append(f"{package} absent")
     return ", ".join(found)
+
+
+@contextlib.contextmanager
+def _inside(folder: Path) -> Iterator[None]:
+    """Run in ``folder``: transformix writes some of its files into the working folder."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def ants_syn(moving: Path, fixed: Path, work: Path) -> Tuple[Warp, sitk.Image]:
@@ -69,17 +82,20 @@ def elastix_affine_bspline(moving: Path, fixed: Path, work: Path) -> Tuple[Warp,
     parameters = itk.ParameterObject.New()
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
-    _, transform_parameters = itk.elastix_registration_method(
-        fixed_itk, moving_itk, parameter_object=parameters, log_to_console=False, output_directory=str(work))
+    with _inside(work):
+        _, transform_parameters = itk.elastix_registration_method(
+            fixed_itk, moving_itk, parameter_object=parameters, log_to_console=False, output_directory=str(work))
 
     def warp(path: Path, is_label: bool) -> sitk.Image:
         for index in range(transform_parameters.GetNumberOfParameterMaps()):
             transform_parameters.SetParameter(index, "FinalBSplineInterpolationOrder", "0" if is_label else "3")
-        warped = itk.transformix_filter(itk.imread(str(path), itk.F), transform_parameters)
+        with _inside(work):
+            warped = itk.transformix_filter(itk.imread(str(path), itk.F), transform_parameters)
         out = work / "elastix_warped.nii.gz"
         itk.imwrite(warped, str(out))
         return sitk.Cast(sitk.ReadImage(str(out)), sitk.sitkInt32) if is_label else sitk.ReadImage(str(out))
 
-    deformation = itk.transformix_deformation_field(moving_itk, transform_parameters)
+    with _inside(work):
+        deformation = itk.transformix_deformation_field(moving_itk, transform_parameters)
     itk.imwrite(deformation, str(work / "elastix_field.nii.gz"))
     return warp, sitk.ReadImage(str(work / "elastix_field.nii.gz"), sitk.sitkVectorFloat64)
