@@ -25,7 +25,7 @@ differently would lose it); ours, the displacement-only network trained the same
 
 Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_io,displacement_only,ants,elastix]
        python bench/brain.py --sweep [--model ...] [--unet-model ...]
-Writes bench/results/brain.{txt,csv,json}, or brain_sweep.{txt,csv,png}.
+Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png}.
 """
 from __future__ import annotations
 
