@@ -1,29 +1,17 @@
 """The benchmarks' ground truth: what bench/ scripts measure against is what they claim."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import REPO, shared_data_path
-
-sys.path.insert(0, str(REPO / "bench"))
-
-
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench, shared_data_path
 
 
 def test_known_warp_truth_is_the_inverse_of_the_warp_that_made_the_moving_image(tmp_path):
     """The exact fixed → moving transform (T⁻¹, by inverting T's field) scores ~0 mm; the identity
     scores the displacement T applies, which is of the size asked for."""
     shared_data_path("totalsegmentator_examples", "example_ct.nii.gz")
-    known_warp = _bench("known_warp")
+    known_warp = load_bench("known_warp")
     fixed = sitk.Cast(sitk.ReadImage(str(known_warp.CT)), sitk.sitkFloat32)
     _, x, y = known_warp.make_case(fixed, 0, tmp_path)
     field = sitk.TransformToDisplacementField(known_warp.known_transform(fixed, 0), sitk.sitkVectorFloat64, fixed.GetSize(),
@@ -37,7 +25,7 @@ def test_known_warp_truth_is_the_inverse_of_the_warp_that_made_the_moving_image(
 
 def test_brain_sweep_pairs_are_centroid_aligned_then_shifted(tmp_path):
     shared_data_path("synthseg_label_maps")
-    brain = _bench("brain")
+    brain = load_bench("brain")
     for shift in ([0.0, 0.0, 0.0], [0.0, -30.0, 0.0], [0.0, 0.0, 60.0]):
         folder = tmp_path / str(shift[1] + shift[2])
         folder.mkdir()

@@ -1,23 +1,15 @@
 """The shipped models: their cards' figures are what the benchmark computes from the shipped weights."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 from carlreg.models import load_model
 from carlreg.registry import WEIGHTS_DIR, available_models, model_card, sha256_of
-from conftest import REPO, shared_data_path
+from conftest import REPO, load_bench, shared_data_path
 
 SHIPPED = available_models()
-
-
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_card_is_complete_and_its_weights_match():
@@ -37,7 +29,7 @@ def test_every_card_is_complete_and_its_weights_match():
 
 
 def test_retina_cards_are_what_the_benchmark_computes_from_the_shipped_weights():
-    retina = _bench("retina")
+    retina = load_bench("retina")
     cards = {name: model_card(name) for name in ("carl-retina-2d", "unet-retina-2d")}
     recorded = json.loads((REPO / "bench" / "results" / "retina.json").read_text())
     models = {"CARL": load_model("carl-retina-2d", "cpu"), "displacement-only": load_model("unet-retina-2d", "cpu")}
@@ -54,7 +46,7 @@ def test_brain_cards_are_what_the_benchmark_computes_and_carl_meets_its_target(t
     """bench/brain.py's pairs (subjects 19-20, never trained or validated on) rerun with the shipped
     weights; the target of carl-brain-3d: at least 10 Dice points over no registration, < 1 % folding."""
     shared_data_path("synthseg_label_maps")
-    brain = _bench("brain")
+    brain = load_bench("brain")
     recorded = json.loads((REPO / "bench" / "results" / "brain.json").read_text())
     pairs = brain.make_pairs(tmp_path)
     figures = {}

@@ -353,5 +353,6 @@ def test_the_widget_cancels_and_reports_failures(scene_pair, tiny_model, tmp_pat
 def test_the_modules_own_self_test_passes_with_the_shipped_model():
     """CARLRegistrationTest (what Slicer's Reload and Test runs) with the first shipped 3-D model."""
     assert module.CARLRegistrationLogic().availableModels()[0] == "carl-brain-3d"
-    result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(module.CARLRegistrationTest("runTest"))
+    with open(os.devnull, "w") as quiet:
+        result = unittest.TextTestRunner(stream=quiet).run(module.CARLRegistrationTest("runTest"))
     assert result.wasSuccessful() and not result.skipped, result.errors + result.failures + result.skipped

@@ -166,14 +166,13 @@ def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, w
 
 
 def run_in_fresh_process(method: str, moving: dict, fixed: dict, model: str, io_steps: int) -> dict:
-    """``run_one`` in a child process, for its own peak memory; it runs in a scratch folder
-    (Elastix's transformix writes files into its working folder)."""
-    model = str(Path(model).resolve()) if Path(model).exists() else model
+    """``run_one`` in a child process, for its own peak memory, with a scratch folder for the
+    tools' files."""
     with tempfile.TemporaryDirectory(prefix="bench-brain-") as work:
         command = [sys.executable, str(Path(__file__).resolve()), "--one", method, "--pair",
                    json.dumps([str(moving["image"]), str(moving["labels"]), str(fixed["image"]), str(fixed["labels"])]),
                    "--model", model, "--io-steps", str(io_steps), "--work", work]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=work)
+        completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"bench/brain.py: {method} failed:\n{completed.stderr[-2000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -30,11 +30,12 @@ RETINA_INPUT = (
 )
 BRAIN_INPUT = (
     "a 3-D head scan reoriented to RAS, intensities scaled to [0, 1] (the modality setting: MR "
-    "percentiles 0.5-99.5 by default), sampled at 3 mm on a 64 × 72 × 64 grid centred on the image "
+    "percentiles 0.5-99.5 by default), sampled at {spacing_mm:g} mm on a {shape} grid centred on the image "
     "(carlreg.geometry.to_network); trained on images synthesised from brain label maps with random "
     "contrast, blur, bias field and noise (carlreg.data), so not tied to one MR contrast"
 )
-#: what the run's config does not say: purpose, input, and which bench result holds the metrics
+#: what the run's config does not say: purpose, input (``{shape}``, ``{spacing_mm}``: the run's), and
+#: which bench result holds the metrics
 MODELS = {
     "carl-retina-2d": {
         "title": "CARL for the paper's 2-D retina experiment (§6.1)",
@@ -65,7 +66,7 @@ MODELS = {
     "unet-brain-3d": {
         "title": "Displacement-only network (the paper's variant 1: a U-Net first step), brain MR",
         "modality": "brain MR (3-D), whole head",
-        "preprocessing": BRAIN_INPUT.replace("64 × 72 × 64", "68 × 72 × 68 (its U-Net first step needs ≥ 65 voxels per axis)"),
+        "preprocessing": BRAIN_INPUT.replace("{shape}", "{shape} (its U-Net first step needs ≥ 65 voxels per axis)"),
         "metrics_file": "bench/results/brain.json",
         "metrics_method": "displacement_only",
         "baseline_for": "carl-brain-3d",
@@ -110,7 +111,8 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "input_spacing_mm": config["spacing_mm"] if config["data"] == "synthseg3d" else None,
         },
         "modality": info["modality"],
-        "preprocessing": info["preprocessing"],
+        "preprocessing": info["preprocessing"].format(
+            shape=" × ".join(map(str, config["input_shape"])), spacing_mm=config.get("spacing_mm")),
         "training": {
             "data": config["data"],
             "retina_variant": config.get("retina_variant") if config["data"] == "drive2d" else None,
