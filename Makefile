@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # The reference CARL implementation, used only as a test oracle (installed without its dependencies).
 REFERENCE ?= icon_registration==1.1.9
 
-.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-known-warp clean
+.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest Testing
 
 # Benchmarks (not part of CI): results land in bench/results/.
-bench: bench-forward bench-precision bench-retina bench-brain bench-known-warp
+bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
@@ -50,6 +50,9 @@ bench-retina: $(VENV)/.installed
 bench-brain: $(VENV)/.bench-installed
 	$(PY) bench/brain.py
 	$(PY) bench/brain.py --sweep
+
+bench-equivariance: $(VENV)/.installed
+	$(PY) bench/equivariance.py
 
 bench-known-warp: $(VENV)/.bench-installed
 	$(PY) bench/known_warp.py

@@ -37,3 +37,25 @@ def test_brain_sweep_pairs_are_centroid_aligned_then_shifted(tmp_path):
         if not any(shift):  # aligned by moving the grid, not by resampling: the voxels are the scan's own
             original = brain.label_map_image(brain.LABEL_MAPS / "training_seg_20.nii.gz", brain.SHAPE, brain.SPACING_MM)
             assert (sitk.GetArrayFromImage(fixed_labels) == sitk.GetArrayFromImage(original)).all()
+
+
+def test_equivariance_error_is_zero_for_an_equivariant_map_and_the_shift_for_one_that_ignores_it():
+    """bench/equivariance.py's yardstick: |φ'(x) − φ(x − u)| over the brain voxels that stay in the box."""
+    import torch
+
+    from carlreg.maps import identity_map
+
+    equivariance = load_bench("equivariance")
+    shape, spacing_mm = (16, 18, 16), 3.0
+    unit_mm = torch.tensor([(n - 1) * spacing_mm for n in shape])
+    generator = torch.Generator().manual_seed(0)
+    phi = identity_map(shape) + 0.05 * torch.randn((1, 3) + shape, generator=generator)
+    mask = torch.zeros((1, 1) + shape, dtype=torch.bool)
+    mask[..., 3:12, 4:14, 3:12] = True
+    for axis in range(3):
+        for voxels in (1, 3):
+            moved = equivariance.shifted(phi, axis, voxels)
+            assert equivariance.equivariance_error_mm(phi, moved, mask, axis, voxels, unit_mm).max() < 1e-5
+            ignored = equivariance.equivariance_error_mm(identity_map(shape), identity_map(shape), mask, axis, voxels, unit_mm)
+            assert np.allclose(ignored, voxels * spacing_mm, atol=1e-4)
+            assert ignored.size == mask.narrow(2 + axis, 0, shape[axis] - voxels).sum()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from carlreg.data import PairsSource, SynthSegSource
@@ -66,6 +67,27 @@ def test_resumed_run_continues_exactly(tmp_path):
     final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
     for name, value in final_straight.items():
         assert torch.equal(value, final_resumed[name]), name
+    # a new run can start from another run's weights, at another input shape (lr 0: they stay as loaded)
+    fine_tuned = tmp_path / "fine_tuned"
+    config = _config(folder, fine_tuned)
+    config.init_from, config.input_shape, config.steps, config.learning_rate = str(straight / "checkpoint.pt"), (48, 40, 44), 1, 0.0
+    parameters = dict(train(config).named_parameters())
+    assert parameters and all(torch.equal(value, final_straight[name]) for name, value in parameters.items())
+    config.init_from, config.output = "", str(tmp_path / "from_scratch")
+    assert not all(torch.equal(v, final_straight[n]) for n, v in train(config).named_parameters())
+
+
+def test_dark_background_is_black_like_the_padding_around_the_box():
+    folder = shared_data_path("synthseg_label_maps")
+    batch = SynthSegSource(folder, "validation", SHAPE, 5.0, background="dark").batch(2, torch.Generator().manual_seed(0))
+    for image, labels in ((batch.moving, batch.moving_labels), (batch.fixed, batch.fixed_labels)):
+        assert float(image.max()) == 1.0
+        outside = image[labels == 0]  # near the head the blur spreads some tissue into it
+        assert float(outside.quantile(0.25)) == 0.0 and float(outside.median()) < 0.01
+    grey = SynthSegSource(folder, "validation", SHAPE, 5.0).batch(2, torch.Generator().manual_seed(0))
+    assert float(grey.fixed[grey.fixed_labels == 0].median()) > 0.02
+    with pytest.raises(ValueError, match="background must be one of"):
+        SynthSegSource(folder, "validation", SHAPE, 5.0, background="grey")
 
 
 def test_training_on_the_users_own_pairs(tmp_path):

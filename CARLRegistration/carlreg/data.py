@@ -33,6 +33,7 @@ from .losses import gaussian_blur
 __all__ = [
     "SPLITS",
     "BRAIN_LABEL_LIMIT",
+    "BACKGROUNDS",
     "LabelPair",
     "label_map_image",
     "load_label_map",
@@ -50,6 +51,11 @@ SPLITS: Dict[str, Tuple[int, ...]] = {
 }
 #: FreeSurfer labels below this are brain structures (Dice is reported over them)
 BRAIN_LABEL_LIMIT = 100
+#: synthesised backgrounds: ``random`` dark grey (up to 0.2 of the range, then bias and noise), or
+#: ``dark`` near 0 as in scans scaled to their own range. Only a dark background looks like the
+#: zero padding around the network's box, so the network cannot tell where the box ends
+#: (``bench/equivariance.py`` measures what that costs the equivariance).
+BACKGROUNDS = ("random", "dark")
 
 
 class LabelPair(NamedTuple):
@@ -84,16 +90,30 @@ def load_label_map(path: Path, shape: Tuple[int, ...], spacing_mm: float) -> tor
     return torch.from_numpy(sitk.GetArrayFromImage(label_map_image(path, shape, spacing_mm)).astype(np.int64))
 
 
-def random_contrast(max_label: int, generator: torch.Generator) -> torch.Tensor:
-    """``(max_label + 1,)`` random intensities in [0, 1], one per label; the background (0) dark."""
+def random_contrast(max_label: int, generator: torch.Generator, background: str = "random") -> torch.Tensor:
+    """``(max_label + 1,)`` random intensities in [0, 1], one per label; the background (label 0)
+    dark grey (up to 0.2, ``background="random"``) or black (``"dark"``, see :data:`BACKGROUNDS`)."""
+    _check_background(background, "random_contrast()")
     intensities = torch.rand(max_label + 1, generator=generator)
     intensities[0] = torch.rand(1, generator=generator) * 0.2
+    if background == "dark":
+        intensities[0] = 0.0
     return intensities
 
 
-def synthesize_image(labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor) -> torch.Tensor:
+def _check_background(background: str, caller: str) -> None:
+    if background not in BACKGROUNDS:
+        raise ValueError(f"{caller}: background must be one of {BACKGROUNDS}, got {background!r}")
+
+
+def synthesize_image(
+    labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor, background: str = "random"
+) -> torch.Tensor:
     """A ``(1, 1, *shape)`` image in [0, 1] from an integer label tensor ``(*shape)``: the
-    label's intensity (:func:`random_contrast`), then a random blur, bias field and noise."""
+    label's intensity (:func:`random_contrast`), then a random blur, bias field and noise; the
+    result shifted to start at 0 (``background="random"``) or, for a black background
+    (``"dark"``), clipped at 0 as a magnitude image is, so that the background stays near 0."""
+    _check_background(background, "synthesize_image()")
     image = intensities[labels][None, None].float()
     # σ of 0.5, 1 or 1.5 voxels: odd kernels (4σ + 1 taps), so the blur does not shift the image
     image = gaussian_blur(image, 0.5 * int(torch.randint(1, 4, (1,), generator=generator)))
@@ -101,7 +121,7 @@ def synthesize_image(labels: torch.Tensor, generator: torch.Generator, intensiti
     bias = torch.exp(F.interpolate(coarse, size=labels.shape, mode="trilinear", align_corners=True))
     image = image * bias
     image = image + torch.randn(image.shape, generator=generator) * 0.03 * float(torch.rand(1, generator=generator))
-    image = image - image.min()
+    image = image.clamp_min(0.0) if background == "dark" else image - image.min()
     return image / image.max().clamp_min(1e-6)
 
 
@@ -124,11 +144,15 @@ class SynthSegSource:
         split: ``train``, ``validation`` or ``test``.
         shape: network input shape, tensor order; spacing_mm: its voxel size.
         max_shift: largest translation, in voxels per axis, applied to each image independently.
+        background: the synthesised background (:data:`BACKGROUNDS`).
     """
 
     def __init__(
-        self, folder: Path, split: str, shape: Sequence[int], spacing_mm: float, max_shift: int = 0
+        self, folder: Path, split: str, shape: Sequence[int], spacing_mm: float, max_shift: int = 0,
+        background: str = "random",
     ) -> None:
+        _check_background(background, "SynthSegSource()")
+        self.background = background
         if split not in SPLITS:
             raise ValueError(f"SynthSegSource(): split must be one of {sorted(SPLITS)}, got {split!r}")
         self.shape = tuple(int(n) for n in shape)
@@ -145,14 +169,14 @@ class SynthSegSource:
         if self.max_shift:
             shift = torch.randint(-self.max_shift, self.max_shift + 1, (3,), generator=generator).tolist()
             labels = _translate(labels, shift)
-        return synthesize_image(labels, generator, intensities), labels[None, None]
+        return synthesize_image(labels, generator, intensities, self.background), labels[None, None]
 
     def batch(self, batch_size: int, generator: torch.Generator) -> LabelPair:
         """``batch_size`` pairs of two different subjects with a shared random contrast, drawn with ``generator``."""
         parts = []
         for _ in range(batch_size):
             first, second = torch.randperm(len(self.labels), generator=generator)[:2].tolist()
-            intensities = random_contrast(self.max_label, generator)
+            intensities = random_contrast(self.max_label, generator, self.background)
             parts.append(
                 self._image(self.labels[first], generator, intensities)
                 + self._image(self.labels[second], generator, intensities)

@@ -78,7 +78,7 @@ def _as_image(image: Union[sitk.Image, PathLike], what: str) -> sitk.Image:
     return image if isinstance(image, sitk.Image) else read_image(image, what)
 
 
-def _network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional[float], what: str) -> torch.Tensor:
+def network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional[float], what: str) -> torch.Tensor:
     """The image normalised and on its network grid (see :mod:`carlreg.geometry`)."""
     normalized = normalize_intensities(image_to_tensor(image), modality, what)
     return to_network(normalized, shape, network_ratios(image, shape, spacing_mm))
@@ -86,8 +86,8 @@ def _network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional
 
 def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape, spacing_mm: Optional[float]) -> float:
     """Mean LNCC of an image on the fixed grid against the fixed image, on the fixed network grid."""
-    a = _network_input(image, modality, shape, spacing_mm, "image")
-    b = _network_input(fixed, modality, shape, spacing_mm, "fixed image")
+    a = network_input(image, modality, shape, spacing_mm, "image")
+    b = network_input(fixed, modality, shape, spacing_mm, "fixed image")
     return float(torch.mean(lncc(a, b)))
 
 
@@ -141,8 +141,8 @@ def register(
             )
     moving_oriented, fixed_oriented = canonical_orientation(moving), canonical_orientation(fixed)
     spacing_mm = getattr(network, "input_spacing_mm", None)
-    moving_tensor = _network_input(moving_oriented, modality, shape, spacing_mm, "moving image").to(device)
-    fixed_tensor = _network_input(fixed_oriented, modality, shape, spacing_mm, "fixed image").to(device)
+    moving_tensor = network_input(moving_oriented, modality, shape, spacing_mm, "moving image").to(device)
+    fixed_tensor = network_input(fixed_oriented, modality, shape, spacing_mm, "fixed image").to(device)
     reporter.report(1)
 
     if io_steps > 0:

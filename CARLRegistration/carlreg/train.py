@@ -57,6 +57,8 @@ class TrainConfig:
     validation_csv: str = ""
     #: pairs: intensity normalisation (see carlreg.preprocess)
     modality: str = "auto"
+    #: synthseg3d: the synthesised background, random or dark (see carlreg.data.BACKGROUNDS)
+    background: str = "random"
     input_shape: Tuple[int, ...] = (80, 96, 80)
     spacing_mm: float = 2.2
     max_shift: int = 8
@@ -75,6 +77,9 @@ class TrainConfig:
     validation_pairs: int = 4
     seed: int = 0
     output: str = "runs/carl-brain-3d"
+    #: a new run's starting weights (a carl-train checkpoint or a state_dict file of the same
+    #: architecture; the input shape may differ), or "" for a random initialisation
+    init_from: str = ""
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
@@ -119,7 +124,7 @@ def init_distributed_from_environment() -> Optional[int]:
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """A training checkpoint, loaded safely (``weights_only=True``)."""
+    """A training checkpoint (or a state_dict file), loaded safely (``weights_only=True``)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -136,7 +141,7 @@ def _make_source(config: TrainConfig, split: str):
     if config.data != "synthseg3d":
         raise ValueError(f"train(): data source must be 'synthseg3d', 'drive2d' or 'pairs', got {config.data!r}")
     max_shift = config.max_shift if split == "train" else 0
-    return SynthSegSource(Path(config.data_folder), split, config.input_shape, config.spacing_mm, max_shift)
+    return SynthSegSource(Path(config.data_folder), split, config.input_shape, config.spacing_mm, max_shift, config.background)
 
 
 @torch.no_grad()
@@ -184,6 +189,9 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
+    elif config.init_from:
+        state = load_checkpoint(Path(config.init_from))
+        model.load_state_dict(state["model"] if "model" in state and "optimizer" in state else state, strict=True)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
