@@ -18,8 +18,8 @@ of the spread of the attended moving positions, mm, and of the effective number 
 exp(entropy)), and the same errors with the images' background (outside the head) set to zero,
 which makes the box's zero padding indistinguishable from the background.
 
-Usage: python bench/equivariance.py [--model carl-brain-3d] [--unet-model unet-brain-3d]
-Writes bench/results/equivariance.{txt,csv,json,png}.
+Usage: python bench/equivariance.py [--model carl-brain-3d] [--unet-model unet-brain-3d] [--output equivariance]
+Writes bench/results/equivariance.{txt,csv,json,png} (or the ``--output`` stem).
 """
 from __future__ import annotations
 
@@ -190,6 +190,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="carl-brain-3d", help="CARL: shipped model name or weights file")
     parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network")
+    parser.add_argument("--output", default="equivariance", help="result file stem in bench/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="bench-equivariance-") as folder:
@@ -218,16 +219,16 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "equivariance.txt").write_text(text + "\n")
+    (RESULTS / f"{args.output}.txt").write_text(text + "\n")
     fields = list(dict.fromkeys(key for r in rows for key in r))
-    with open(RESULTS / "equivariance.csv", "w", newline="") as handle:
+    with open(RESULTS / f"{args.output}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    (RESULTS / "equivariance.json").write_text(json.dumps(
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(
         {"models": {"ours": args.model, "displacement_only": args.unet_model}, "date": str(datetime.date.today()),
          "attention": extra, "rows": rows}, indent=2) + "\n")
-    plot(rows, RESULTS / "equivariance.png")
+    plot(rows, RESULTS / f"{args.output}.png")
 
 
 def plot(rows: list, path: Path) -> None:
