@@ -23,7 +23,7 @@ and content) moved so that the brains' centroids coincide, then its content shif
 differently would lose it); ours, the displacement-only network trained the same way
 (``--unet-model``), ANTs and Elastix.
 
-Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_io,displacement_only,ants,elastix]
+Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_io,displacement_only,ants,elastix] [--background dark|random]
        python bench/brain.py --sweep [--model ...] [--unet-model ...]
 Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png}.
 """
@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "CARLRegistration"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from baselines import ants_syn, elastix_affine_bspline, versions  # noqa: E402
-from carlreg.data import BRAIN_LABEL_LIMIT, SPLITS, label_map_image, random_contrast, synthesize_image  # noqa: E402
+from carlreg.data import BACKGROUNDS, BRAIN_LABEL_LIMIT, SPLITS, label_map_image, random_contrast, synthesize_image  # noqa: E402
 from carlreg.geometry import jacobian_determinant  # noqa: E402
 from carlreg.metrics import mean_dice  # noqa: E402
 from carlreg.registry import available_models, model_card  # noqa: E402
@@ -70,20 +70,21 @@ AXES = {"x (L→R)": 0, "y (P→A)": 1, "z (I→S)": 2}
 SEED = 2026
 
 
-def make_pairs(folder: Path, shift_mm=None) -> list:
+def make_pairs(folder: Path, shift_mm=None, background: str = "dark") -> list:
     """Write the test images and label maps to ``folder``: ``[(moving, fixed), ...]`` of
     ``{"image": path, "labels": path, "subject": n}``. With ``shift_mm`` (x, y, z, LPS; the
     translation sweep) the fixed image's content is first moved so that the two brains'
-    centroids coincide (its origin moved: no resampling), then its content by ``shift_mm`` within its grid."""
+    centroids coincide (its origin moved: no resampling), then its content by ``shift_mm`` within its grid.
+    ``background``: the synthesised background (``carlreg.data.BACKGROUNDS``)."""
     subjects = SPLITS["test"]
     label_maps = {s: label_map_image(LABEL_MAPS / f"training_seg_{s:02d}.nii.gz", SHAPE, SPACING_MM) for s in subjects}
     tensors = {s: torch.from_numpy(sitk.GetArrayFromImage(m).astype(np.int64)) for s, m in label_maps.items()}
-    intensities = random_contrast(max(int(t.max()) for t in tensors.values()), torch.Generator().manual_seed(SEED))
+    intensities = random_contrast(max(int(t.max()) for t in tensors.values()), torch.Generator().manual_seed(SEED), background)
     files = {}
     for index, subject in enumerate(subjects):
         labels = label_maps[subject]
         generator = torch.Generator().manual_seed(SEED + index)
-        image = sitk.GetImageFromArray(synthesize_image(tensors[subject], generator, intensities)[0, 0].numpy())
+        image = sitk.GetImageFromArray(synthesize_image(tensors[subject], generator, intensities, background)[0, 0].numpy())
         image.CopyInformation(labels)
         files[subject] = {"image": folder / f"{subject}_image.nii.gz", "labels": folder / f"{subject}_labels.nii.gz",
                           "subject": subject, "sitk": (image, labels)}
@@ -234,6 +235,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default="", help="result file stem in bench/results (brain, or brain_sweep)")
     parser.add_argument("--sweep", action="store_true", help="the translation sweep instead of the accuracy table")
     parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network (sweep)")
+    parser.add_argument("--background", default="dark", choices=BACKGROUNDS,
+                        help="the test images' synthesised background (accuracy table)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--pair", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -256,14 +259,14 @@ def main(argv=None) -> None:
              for method in methods if method in ("ours", "ours_io", "displacement_only")}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-brain-data-") as folder:
-        for moving, fixed in make_pairs(Path(folder)):
+        for moving, fixed in make_pairs(Path(folder), background=args.background):
             for method in methods:
                 figures = run_in_fresh_process(method, moving, fixed, names.get(method, args.model), args.io_steps)
                 rows.append({"method": method, "moving": moving["subject"], "fixed": fixed["subject"], **figures})
                 print(json.dumps(rows[-1]), file=sys.stderr)
     header = (f"# bench/brain.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, {versions()}; "
               f"model {args.model}, displacement-only {args.unet_model}, IO {args.io_steps} steps; "
-              f"subjects {SPLITS['test']} both directions, 2 mm, 128³")
+              f"subjects {SPLITS['test']} both directions, 2 mm, 128³, {args.background} background")
     lines = [header, f"{'method':<17} {'Dice':>6} {'sd':>6} {'folding %':>9} {'seconds':>8} {'peak GiB':>8}"]
     summary = {}
     for method in methods:
@@ -286,6 +289,7 @@ def main(argv=None) -> None:
         "models": names,
         "weights_sha256": {method: model_card(name)["sha256"] if name in shipped else None for method, name in names.items()},
         "io_steps": args.io_steps,
+        "background": args.background,
         "date": str(datetime.date.today()),
         "summary": summary,
         "rows": rows,

@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CARLRegistration"))
 
@@ -32,8 +34,10 @@ BRAIN_INPUT = (
     "a 3-D head scan reoriented to RAS, intensities scaled to [0, 1] (the modality setting: MR "
     "percentiles 0.5-99.5 by default), sampled at {spacing_mm:g} mm on a {shape} grid centred on the image "
     "(carlreg.geometry.to_network); trained on images synthesised from brain label maps with random "
-    "contrast, blur, bias field and noise (carlreg.data), so not tied to one MR contrast"
+    "contrast, blur, bias field and noise, on a {background} (carlreg.data), so not tied to one MR contrast"
 )
+#: the card's words for each synthesised background (carlreg.data.BACKGROUNDS)
+BACKGROUND_TEXT = {"random": "dark grey background", "dark": "black background, as in scans scaled to their own range"}
 #: what the run's config does not say: purpose, input (``{shape}``, ``{spacing_mm}``: the run's), and
 #: which bench result holds the metrics
 MODELS = {
@@ -75,6 +79,16 @@ MODELS = {
 }
 
 
+def _initialised_from(config: dict):
+    """Where a run that started from another's weights (``init_from``) started: the file, and its
+    step when it is a training checkpoint; None for a run from a random initialisation."""
+    source = config.get("init_from")
+    if not source:
+        return None
+    state = torch.load(REPO / source, map_location="cpu", weights_only=True)
+    return {"file": source, "step": int(state["step"]) if "step" in state else None}
+
+
 def card_for(name: str, run: Path, metrics_path: Path) -> dict:
     info = MODELS[name]
     config = json.loads((run / "config.json").read_text())
@@ -112,7 +126,8 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
         },
         "modality": info["modality"],
         "preprocessing": info["preprocessing"].format(
-            shape=" × ".join(map(str, config["input_shape"])), spacing_mm=config.get("spacing_mm")),
+            shape=" × ".join(map(str, config["input_shape"])), spacing_mm=config.get("spacing_mm"),
+            background=BACKGROUND_TEXT[config.get("background", "random")]),
         "training": {
             "data": config["data"],
             "retina_variant": config.get("retina_variant") if config["data"] == "drive2d" else None,
@@ -123,7 +138,8 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "lambda": config["lmbda"],
             "lncc_sigma": config["sigma"],
             "seed": config["seed"],
-            "config": f"weights/training/{name}.json",
+            "config": f"weights/training/{run.name}.json",
+            "initialised_from": _initialised_from(config),
             "wall_clock_hours": round(sum(r.get("seconds", 0.0) for r in records) / 3600, 2),
             "hardware": "2 CPU cores (x86-64, AVX-512), no GPU",
         },
@@ -148,7 +164,10 @@ def markdown(card: dict) -> str:
         f"- Training: `{training['data']}`{' (' + training['retina_variant'] + ')' if training['retina_variant'] else ''}, "
         f"{training['steps']} steps ({training['diffusion_steps']} diffusion warm-up, then GradICON), batch "
         f"{training['batch_size']}, Adam lr {training['learning_rate']}, λ {training['lambda']}, LNCC σ {training['lncc_sigma']}, "
-        f"seed {training['seed']}; config `{training['config']}`",
+        f"seed {training['seed']}; config `{training['config']}`"
+        + (f"; started from the weights of `{training['initialised_from']['file']}`"
+           + (f" (step {training['initialised_from']['step']})" if training["initialised_from"]["step"] is not None else "")
+           if training.get("initialised_from") else ""),
         f"- Wall-clock training time: {training['wall_clock_hours']} h on {training['hardware']}",
         f"- Use: {card['use']}" + (f" (the baseline of `{card['baseline_for']}`)" if card.get("baseline_for") else ""),
         f"- Licence: {card['license']}",
