@@ -65,6 +65,8 @@ MODELS = {
         "metrics_file": "bench/results/brain.json",
         "metrics_method": "ours",
         "io_method": "ours_io",
+        #: the run its weights come from (default: weights/training/NAME)
+        "run": "weights/training/carl-brain-3d-dark",
         "use": "research and evaluation: deformable brain MR registration without pre-alignment; not for clinical decisions",
     },
     "unet-brain-3d": {
@@ -203,10 +205,10 @@ def markdown(card: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(MODELS))
-    parser.add_argument("--run", type=Path, help="training run folder (default weights/training/NAME)")
+    parser.add_argument("--run", type=Path, help="training run folder (default: the model's run, else weights/training/NAME)")
     parser.add_argument("--metrics", type=Path, help="bench result JSON (default: the model's)")
     args = parser.parse_args(argv)
-    run = args.run or REPO / "weights" / "training" / args.name
+    run = args.run or REPO / MODELS[args.name].get("run", f"weights/training/{args.name}")
     metrics = (args.metrics or REPO / MODELS[args.name]["metrics_file"]).resolve()
     card = card_for(args.name, run, metrics)
     target = REPO / "weights"
