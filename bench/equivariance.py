@@ -127,14 +127,16 @@ def attention_figures(attention: AttentionRegistration, moving: torch.Tensor, fi
             "attention_effective_keys": float(torch.cat(effective).median())}
 
 
-def feature_cosine(attention: AttentionRegistration, fixed: torch.Tensor, moved: torch.Tensor, mask: torch.Tensor,
-                   axis: int, voxels: int) -> float:
-    """Mean cosine between Ξ's features of the fixed brain voxels before and after the shift
-    (attention grid; ``voxels`` in attention voxels)."""
-    padding = attention.padding
-    crop = (slice(None), slice(None)) + (slice(padding, -padding),) * 3
+def fixed_features(attention: AttentionRegistration, image: torch.Tensor) -> torch.Tensor:
+    """Ξ's ``(1, C, *m)`` features of an image at the attention grid's resolution, the padding cropped."""
+    crop = (slice(None), slice(None)) + (slice(attention.padding, -attention.padding),) * 3
     with torch.no_grad():
-        before, after = attention.featurize(fixed)[crop], attention.featurize(moved)[crop]
+        return attention.featurize(image)[crop]
+
+
+def feature_cosine(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor, axis: int, voxels: int) -> float:
+    """Mean cosine between the features (:func:`fixed_features`) of the fixed brain voxels before
+    and after the shift (attention grid; ``voxels`` in attention voxels)."""
     dim, n = 2 + axis, before.shape[2 + axis]
     before, after = before.narrow(dim, 0, n - voxels), after.narrow(dim, voxels, n - voxels)
     inside = mask.narrow(dim, 0, n - voxels)[0, 0]
@@ -160,13 +162,15 @@ def measure(name: str, kind: str, moving_files: dict, fixed_files: dict) -> tupl
     brain = {"whole network": images["fixed"]["brain"], "first step": pool(pool(images["fixed"]["brain"].float())) > 0.5}
     extra = {"background_intensity": float(images["fixed"]["image"][~images["fixed"]["head"]].mean())}
     rows = []
-    for background in BACKGROUNDS if isinstance(attention, AttentionRegistration) else BACKGROUNDS[:1]:
+    is_carl = isinstance(attention, AttentionRegistration)
+    for background in BACKGROUNDS if is_carl else BACKGROUNDS[:1]:
         moving, fixed = images["moving"]["image"], images["fixed"]["image"]
         if background == "zeroed":
             moving, fixed = moving * images["moving"]["head"], fixed * images["fixed"]["head"]
         original = maps(network, moving, fixed)
-        if isinstance(attention, AttentionRegistration):
+        if is_carl:
             extra[background] = attention_figures(attention, pool(pool(moving)), pool(pool(fixed)), brain["first step"], unit_mm)
+            features = fixed_features(attention, pool(pool(fixed)))
         for axis_name, axis in AXES.items():
             for k in SHIFTS:
                 voxels = 4 * k
@@ -178,8 +182,8 @@ def measure(name: str, kind: str, moving_files: dict, fixed_files: dict) -> tupl
                     row = {"network": kind, "model": name, "stage": stage, "background": background, "axis": axis_name,
                            "shift_mm": voxels * spacing_mm, "median_error_mm": float(np.median(errors)),
                            "p95_error_mm": float(np.percentile(errors, 95))}
-                    if stage == "first step" and isinstance(attention, AttentionRegistration):
-                        row["feature_cosine"] = feature_cosine(attention, pool(pool(fixed)), pool(pool(moved_fixed)),
+                    if stage == "first step" and is_carl:
+                        row["feature_cosine"] = feature_cosine(features, fixed_features(attention, pool(pool(moved_fixed))),
                                                                brain["first step"], axis, k)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
