@@ -17,13 +17,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CARLRegistration"))
 
 from carlreg.io import atomic_outputs  # noqa: E402
 from carlreg.registry import sha256_of  # noqa: E402
+from carlreg.train import load_checkpoint  # noqa: E402
 
 RETINA_INPUT = (
     "a 2-D retina vessel map in [0, 1] (1 = field of view away from vessels): the 584 × 565 DRIVE "
@@ -87,7 +86,7 @@ def _initialised_from(config: dict):
     source = config.get("init_from")
     if not source:
         return None
-    state = torch.load(REPO / source, map_location="cpu", weights_only=True)
+    state = load_checkpoint(REPO / source)
     return {"file": source, "step": int(state["step"]) if "step" in state else None}
 
 
