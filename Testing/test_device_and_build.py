@@ -121,15 +121,8 @@ def test_engine_never_imports_slicer_or_prints():
     for path in ENGINE.rglob("*.py"):
         source = path.read_text()
         assert "import slicer" not in source and ".cuda()" not in source, path
-        if path.name != "cli.py":  # the command line is where progress is printed
+        if path.name not in ("cli.py", "train_cli.py", "demo.py"):  # the commands print, the engine reports
             assert "print(" not in source, path
-
-
-def test_module_cmakelists_lists_exactly_the_engine_files():
-    text = (REPO / "CARLRegistration" / "CMakeLists.txt").read_text()
-    listed = {line.strip() for line in text.splitlines() if line.strip().startswith("carlreg/")}
-    on_disk = {str(p.relative_to(REPO / "CARLRegistration")) for p in ENGINE.rglob("*.py")}
-    assert listed == on_disk
 
 
 def test_displacement_only_baseline_replaces_the_attention_by_a_unet():

@@ -31,7 +31,8 @@ def test_state_dict_with_its_card_loads_and_computes_the_same(saved):
     loaded = load_model(path, device="cpu")
     image = torch.rand(1, 1, 40, 40, 40)
     with torch.no_grad():
-        assert torch.equal(loaded(image, image), model.eval()(image, image))
+        # two forward passes: equal up to the threaded kernels' rounding, not bit for bit
+        assert torch.allclose(loaded(image, image), model.eval()(image, image), atol=1e-5)
     assert not loaded.training and loaded.input_shape == (40, 40, 40)
 
 
@@ -91,7 +92,8 @@ def test_a_shipped_model_downloads_into_the_cache_with_its_checksum(saved, tmp_p
     assert (cache / "remote.pt").is_file() and not (shipped / "remote.pt").exists()
     image = torch.rand(1, 1, 40, 40, 40)
     with torch.no_grad():
-        assert torch.equal(loaded(image, image), model.eval()(image, image))
+        # two forward passes: equal up to the threaded kernels' rounding, not bit for bit
+        assert torch.allclose(loaded(image, image), model.eval()(image, image), atol=1e-5)
     (cache / "remote.pt").unlink()
     (shipped / "remote.json").write_text(json.dumps(dict(card, sha256="0" * 64)))
     with pytest.raises(ValueError, match="does not match its SHA256; nothing was kept"):

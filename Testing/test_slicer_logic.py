@@ -136,8 +136,11 @@ def test_results_go_into_existing_output_nodes(scene_pair, tiny_model):
     assert reused["transform"] is transform and reused["warped"] is volume
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes  # nothing new: the loaded results moved into them
     assert (transform.GetName(), volume.GetName()) == ("my transform", "my warped")
-    assert np.array_equal(slicer.util.arrayFromGridTransform(transform), slicer.util.arrayFromGridTransform(fresh["transform"]))
-    assert np.array_equal(slicer.util.arrayFromVolume(volume), slicer.util.arrayFromVolume(fresh["warped"]))
+    # two registrations of the same pair: equal up to the threaded kernels' rounding (a oneDNN
+    # convolution may take another kernel on its first call in a process), not bit for bit
+    assert np.allclose(slicer.util.arrayFromGridTransform(transform), slicer.util.arrayFromGridTransform(fresh["transform"]), atol=1e-3)
+    warped_fresh = slicer.util.arrayFromVolume(fresh["warped"])
+    assert np.allclose(slicer.util.arrayFromVolume(volume), warped_fresh, atol=1e-4 * np.ptp(warped_fresh))
     assert np.allclose(slicer.util._ijk_to_ras(volume), slicer.util._ijk_to_ras(fixed), atol=1e-6)
     assert transform.GetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()) == moving.GetID()
     assert moving.GetTransformNodeID() is None  # not asked: the moving volume keeps no parent transform
@@ -181,7 +184,10 @@ def test_a_segmentation_is_warped_into_a_new_segmentation(scene_pair, tiny_model
         ("bright", (1.0, 0.0, 0.0)), ("mid", (0.0, 1.0, 0.0))]
     bright_mask = slicer.util.arrayFromSegmentBinaryLabelmap(warped, "bright_id", fixed)
     mid_mask = slicer.util.arrayFromSegmentBinaryLabelmap(warped, "mid_id", fixed)
-    assert np.array_equal(bright_mask, expected == 1) and np.array_equal(mid_mask, expected == 2)
+    # the label map came from another registration of the same pair (equal up to threaded rounding):
+    # nearest-neighbour voxels on a boundary may flip, a few per thousand at most
+    for mask, label in ((bright_mask, 1), (mid_mask, 2)):
+        assert np.count_nonzero(mask != (expected == label)) <= 2e-3 * np.count_nonzero(mask), label
     assert bright_mask.sum() > 1000 and mid_mask.sum() > 1000
     # the source segmentation is untouched
     assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "bright_id", moving), masks["bright"])

@@ -58,7 +58,10 @@ def test_resumed_run_continues_exactly(tmp_path):
     with open(interrupted / "log.jsonl", "a") as log:
         log.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     train(_config(folder, interrupted))
-    assert _losses(interrupted) == _losses(straight)
+    # exact resume: the same data, weights and optimizer state, so the same steps; compared to a
+    # tolerance far below one step's change (the threaded convolutions may round differently from
+    # one run to the next), not bit for bit
+    assert _losses(interrupted) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-7)
     assert len(set(_losses(straight))) == 3
     assert (straight / "loss.png").stat().st_size > 1000
     # the model is told the physical spacing it was trained at (fixed-spacing input grids)
@@ -66,7 +69,7 @@ def test_resumed_run_continues_exactly(tmp_path):
     final_straight = torch.load(straight / "model.pt", weights_only=True)
     final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
     for name, value in final_straight.items():
-        assert torch.equal(value, final_resumed[name]), name
+        assert torch.allclose(value, final_resumed[name], rtol=0, atol=1e-6), name
     # a new run can start from another run's weights, at another input shape (lr 0: they stay as loaded)
     fine_tuned = tmp_path / "fine_tuned"
     config = _config(folder, fine_tuned)

@@ -1,4 +1,5 @@
-"""Ship a trained model: its weights and model card (JSON and Markdown) in weights/.
+"""Ship a trained model: its weights and model card (JSON and Markdown) in the package's
+``CARLRegistration/carlreg/weights`` (package data: every install finds them there).
 
 The weights are the run's ``model.pt`` (a state_dict); the card takes the architecture and
 training settings from the run's ``config.json``, the wall-clock time from its ``log.jsonl``,
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CARLRegistration"))
 
 from carlreg.io import atomic_outputs  # noqa: E402
-from carlreg.registry import sha256_of  # noqa: E402
+from carlreg.registry import WEIGHTS_DIR, sha256_of  # noqa: E402
 from carlreg.train import load_checkpoint  # noqa: E402
 
 RETINA_INPUT = (
@@ -80,12 +81,18 @@ MODELS = {
 }
 
 
-def _initialised_from(config: dict):
+def _initialised_from(name: str, config: dict):
     """Where a run that started from another's weights (``init_from``) started: the file, and its
-    step when it is a training checkpoint; None for a run from a random initialisation."""
+    step when it is a training checkpoint; None for a run from a random initialisation. Checkpoints
+    stay on the machine that trained: where the file is gone, the shipped card still says it."""
     source = config.get("init_from")
     if not source:
         return None
+    shipped = WEIGHTS_DIR / f"{name}.json"
+    if not (REPO / source).is_file() and shipped.is_file():
+        known = json.loads(shipped.read_text())["training"].get("initialised_from")
+        if known and known["file"] == source:
+            return known
     state = load_checkpoint(REPO / source)
     return {"file": source, "step": int(state["step"]) if "step" in state else None}
 
@@ -140,7 +147,7 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "lncc_sigma": config["sigma"],
             "seed": config["seed"],
             "config": f"weights/training/{run.name}.json",
-            "initialised_from": _initialised_from(config),
+            "initialised_from": _initialised_from(name, config),
             "wall_clock_hours": round(sum(r.get("seconds", 0.0) for r in records) / 3600, 2),
             "hardware": "2 CPU cores (x86-64, AVX-512), no GPU",
         },
@@ -210,7 +217,7 @@ def main(argv=None) -> None:
     run = args.run or REPO / MODELS[args.name].get("run", f"weights/training/{args.name}")
     metrics = (args.metrics or REPO / MODELS[args.name]["metrics_file"]).resolve()
     card = card_for(args.name, run, metrics)
-    target = REPO / "weights"
+    target = WEIGHTS_DIR
     with atomic_outputs() as reserve:
         shutil.copyfile(run / "model.pt", reserve(target / card["file"]))
         reserve(target / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -1,6 +1,8 @@
-"""``python -m carlreg``: the command line."""
+"""``python -m carlreg``: the command line (registration, training, the demo)."""
 import sys
 
-from .cli import main
+from .cli import COMMANDS, main
+from .demo import demo_main
+from .train_cli import train_main
 
-sys.exit(main())
+sys.exit(main(commands={**COMMANDS, "train": train_main, "demo": demo_main}))

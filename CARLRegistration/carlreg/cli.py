@@ -1,4 +1,7 @@
-"""Command line: ``carl-register``, ``carl-warp``, ``carl-train`` and ``python -m carlreg <command>``.
+"""Command line of registration: ``carl-register``, ``carl-warp``, ``python -m carlreg.cli <command>``.
+
+``python -m carlreg`` (:mod:`carlreg.__main__`) adds ``train`` (:mod:`carlreg.train_cli`) and
+``demo`` (:mod:`carlreg.demo`); the Slicer module's worker runs ``python -m carlreg.cli register``.
 
 Each subcommand calls the public API and turns its progress reports into a bar on a
 terminal (``--progress bar``), JSON lines on stdout (``--progress json``: ``stage``, ``step``,
@@ -11,11 +14,11 @@ import json
 import signal
 import sys
 import threading
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .progress import Cancelled, Progress
 
-__all__ = ["main", "register_main", "warp_main", "train_main"]
+__all__ = ["main", "register_main", "warp_main", "models_main", "progress_printer", "run_command"]
 
 
 def progress_printer(kind: str) -> Optional[Callable[[Progress], None]]:
@@ -48,13 +51,7 @@ def _cancel_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, cancelled)
 
 
-def _torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _run(prog: str, body: Callable[[], None]) -> int:
+def run_command(prog: str, body: Callable[[], None]) -> int:
     """Run a command's body: 0 on success, 130 when cancelled, 2 with a one-line error otherwise."""
     try:
         body()
@@ -83,50 +80,12 @@ def _import_problem(err: ImportError) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def train_main(argv: Optional[List[str]] = None) -> int:
-    """``carl-train [--config FILE] [--set KEY=VALUE ...] [--device D] [--progress P] [--max-steps N]``."""
-    parser = argparse.ArgumentParser(prog="carl-train", description="Train a CARL network (resumes from OUTPUT/checkpoint.pt).")
-    parser.add_argument("--config", help="JSON file of TrainConfig settings")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (JSON value)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
-    parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps in this run (a checkpoint is written)")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        from pathlib import Path
-
-        from .device import resolve_device
-        from .train import TrainConfig, init_distributed_from_environment, train
-
-        values = json.loads(Path(args.config).read_text()) if args.config else {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-            values[key] = _parse_value(value)
-        config = TrainConfig.from_dict(values)
-        local_rank = init_distributed_from_environment()
-        device = args.device
-        if local_rank is not None and device in ("auto", "cuda") and _torch_cuda_available():
-            device = f"cuda:{local_rank}"
-        train(config, resolve_device(device), progress_printer(args.progress), max_steps_this_run=args.max_steps)
-
-    return _run("carl-train", body)
-
-
 def _register_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carl-register", description="Register a moving image to a fixed image with CARL.")
-    parser.add_argument("--moving", required=True, help="moving image (file SimpleITK reads, or DICOM folder)")
-    parser.add_argument("--fixed", required=True, help="fixed image")
-    parser.add_argument("--out-transform", required=True, help="fixed → moving transform: .h5/.tfm or a field image .nii.gz/.nrrd/.mha (LPS)")
+    # required unless --list-models (checked in register_main, with a one-line error)
+    parser.add_argument("--moving", help="moving image (file SimpleITK reads, or DICOM folder); required")
+    parser.add_argument("--fixed", help="fixed image; required")
+    parser.add_argument("--out-transform", help="fixed → moving transform: .h5/.tfm or a field image .nii.gz/.nrrd/.mha (LPS); required")
     parser.add_argument("--out-warped", help="moving image resampled onto the fixed grid")
     parser.add_argument("--out-inverse", help="moving → fixed transform (second pass, images swapped)")
     parser.add_argument("--out-jacobian", help="Jacobian determinant image of the fixed → moving map")
@@ -136,7 +95,8 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed-landmarks", help="landmarks on the fixed image (.fcsv, .mrk.json, .csv), for the TRE")
     parser.add_argument("--moving-landmarks", help="the corresponding landmarks on the moving image")
     parser.add_argument("--landmarks-coordinate-system", choices=["RAS", "LPS"], help="coordinate system of CSV landmarks")
-    parser.add_argument("--model", required=True, help="shipped model name or weights file")
+    parser.add_argument("--model", help="shipped model name or weights file (default: carl-brain-3d for 3-D images)")
+    parser.add_argument("--list-models", action="store_true", help="list the shipped models and exit")
     parser.add_argument("--modality", choices=["auto", "ct", "mr", "max"], default="auto")
     parser.add_argument("--io-steps", type=int, default=0, help="instance-optimization steps (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
@@ -152,6 +112,12 @@ def register_main(argv: Optional[List[str]] = None) -> int:
     """``carl-register``: exit 0 on success, 2 on bad input, 3 on a missing dependency (one line
     on stderr), 130 when cancelled."""
     args = _register_parser().parse_args(argv)
+    if args.list_models:
+        return models_main([])
+    missing = [flag for flag, value in (("--moving", args.moving), ("--fixed", args.fixed), ("--out-transform", args.out_transform)) if not value]
+    if missing:
+        print(f"carl-register: missing {', '.join(missing)} (carl-register --help lists the options)", file=sys.stderr)
+        return 2
     _cancel_on_sigterm()
     metrics = {}
 
@@ -169,8 +135,15 @@ def register_main(argv: Optional[List[str]] = None) -> int:
                    args.out_warped_labels, args.summary, args.report]
         check_outputs(outputs, inputs)
         moving, fixed = read_image(args.moving, "moving image"), read_image(args.fixed, "fixed image")
+        model = args.model
+        if model is None:
+            from .registry import default_model
+
+            model = default_model(fixed.GetDimension())
+            print(f"carl-register: no --model given: using {model}, the default for "
+                  f"{fixed.GetDimension()}-D images (--list-models shows the others)", file=sys.stderr)
         result = register(
-            moving, fixed, args.model, modality=args.modality, io_steps=args.io_steps,
+            moving, fixed, model, modality=args.modality, io_steps=args.io_steps,
             device=args.device, inverse=bool(args.out_inverse), progress=progress_printer(args.progress),
             field_spacing_mm=args.field_spacing, precision=args.precision,
             moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
@@ -199,7 +172,7 @@ def register_main(argv: Optional[List[str]] = None) -> int:
                 )
         metrics.update(result.metrics)
 
-    code = _run("carl-register", body)
+    code = run_command("carl-register", body)
     if code == 0 and args.progress == "json":
         print(json.dumps({"stage": "done", "metrics": metrics}), flush=True)
     return code
@@ -225,60 +198,42 @@ def warp_main(argv: Optional[List[str]] = None) -> int:
         with atomic_output(args.out) as temporary:
             write_image(warped, temporary)
 
-    return _run("carl-warp", body)
+    return run_command("carl-warp", body)
 
 
-def demo_main(argv: Optional[List[str]] = None) -> int:
-    """``python -m carlreg demo [--model M] [--out FOLDER]``: make the demo pair (:mod:`carlreg.demo`),
-    register it, and say where the results are."""
-    parser = argparse.ArgumentParser(prog="carlreg demo", description="Register the demo pair (MNI152 and a moved, deformed copy).")
-    parser.add_argument("--model", default="carl-brain-3d", help="shipped model name or weights file")
-    parser.add_argument("--out", default="demo-output", help="folder for the pair and the results")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
-    parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
-    args = parser.parse_args(argv)
-    from pathlib import Path
+def models_main(argv: Optional[List[str]] = None) -> int:
+    """``python -m carlreg models`` (also ``carl-register --list-models``): the shipped models, a row each."""
+    argparse.ArgumentParser(prog="carlreg models", description="List the shipped models.").parse_args(argv)
+    from .registry import DEFAULT_MODELS, describe_models
 
-    out = Path(args.out)
-    pair: List[Path] = []
-
-    def body() -> None:
-        from .demo import make_demo_pair
-        from .registry import model_card
-
-        if not Path(args.model).exists():
-            model_card(args.model)  # an unknown model fails here, before any file is written
-        marker = out / ".carlreg-demo"
-        if out.exists() and any(out.iterdir()) and not marker.exists():
-            raise ValueError(f"{out} holds other files: give the demo a new or empty folder (--out)")
-        pair.extend(make_demo_pair(out))
-        marker.touch()
-
-    code = _run("carlreg demo", body)
-    if code:
-        return code
-    results = {"transform": out / "fixed_to_moving.h5", "warped": out / "warped.nii.gz",
-               "report": out / "report.png", "summary": out / "summary.json"}
-    code = register_main([
-        "--moving", str(pair[0]), "--fixed", str(pair[1]), "--model", args.model, "--modality", "mr",
-        "--device", args.device, "--progress", args.progress, "--out-transform", str(results["transform"]),
-        "--out-warped", str(results["warped"]), "--report", str(results["report"]), "--summary", str(results["summary"]),
-    ])
-    if code == 0:
-        metrics = json.loads(results["summary"].read_text())
-        print(f"Registered {pair[0]} (moved 40 mm, deformed) to {pair[1]} in {metrics['seconds']:.1f} s on "
-              f"{metrics['device']}: LNCC {metrics['lncc_before']:.3f} -> {metrics['lncc_after']:.3f}, "
-              f"{metrics['folding_percent']:.2f} % folding.")
-        for what, path in results.items():
-            print(f"  {what:<9} {path}")
-    return code
+    rows = describe_models()
+    if not rows:
+        print("carlreg models: no models are installed", file=sys.stderr)
+        return 2
+    columns = ["name", "dimension", "input", "modality", "weights", "title"]
+    widths = {column: max(len(column), *(len(row[column]) for row in rows)) for column in columns[:-1]}
+    print("  ".join(column.upper().ljust(widths.get(column, 0)) for column in columns).rstrip())
+    for row in rows:
+        print("  ".join(row[column].ljust(widths.get(column, 0)) for column in columns).rstrip())
+    defaults = ", ".join(f"{name} for {dimension}-D images" for dimension, name in sorted(DEFAULT_MODELS.items()))
+    print(f"default without --model: {defaults}")
+    return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m carlreg <subcommand> ...``."""
+#: the subcommands of ``python -m carlreg.cli``: what registration needs, and all the Slicer
+#: extension ships (``python -m carlreg`` adds training and the demo)
+COMMANDS = {"register": register_main, "warp": warp_main, "models": models_main}
+
+
+def main(argv: Optional[List[str]] = None, commands: Optional[Dict[str, Callable[[List[str]], int]]] = None) -> int:
+    """``python -m carlreg[.cli] <subcommand> ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"register": register_main, "warp": warp_main, "train": train_main, "demo": demo_main}
+    commands = commands or COMMANDS
     if not argv or argv[0] not in commands:
         print(f"usage: python -m carlreg {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

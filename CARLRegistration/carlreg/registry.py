@@ -1,7 +1,9 @@
 """The registry of shipped models: names, model cards, checksums (no torch needed).
 
-A shipped model is ``<WEIGHTS_DIR>/<name>.pt`` beside its model card ``<name>.json``; the
-Slicer module lists them from its GUI process, where torch may not be installed yet. A card
+A shipped model is ``<WEIGHTS_DIR>/<name>.pt`` beside its model card ``<name>.json``. They are
+package data (``carlreg/weights``), so a wheel install, an editable install and the Slicer
+extension (``CARLRegistration/CMakeLists.txt``) all find them in the same place. The Slicer module
+lists them from its GUI process, where torch may not be installed yet. A card
 may instead give a ``url``: the weights are then downloaded on first use into a user cache
 folder (never the install folder), verified against the card's SHA256, and kept there.
 """
@@ -13,20 +15,16 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-__all__ = ["WEIGHTS_DIR", "CACHE_DIR", "available_models", "model_card", "weights_path", "sha256_of"]
+__all__ = [
+    "WEIGHTS_DIR", "CACHE_DIR", "DEFAULT_MODELS", "available_models", "default_model", "model_card",
+    "describe_models", "weights_path", "sha256_of",
+]
 
-def _weights_dir() -> Path:
-    """``$CARLREG_WEIGHTS``; else the repository's ``weights/`` (a source checkout); else the
-    module's ``Resources/Weights`` of the built Slicer extension (``CARLRegistration/CMakeLists.txt``)."""
-    if os.environ.get("CARLREG_WEIGHTS"):
-        return Path(os.environ["CARLREG_WEIGHTS"])
-    package = Path(__file__).resolve().parent
-    checkout, extension = package.parents[1] / "weights", package.parent / "Resources" / "Weights"
-    return extension if extension.is_dir() and not checkout.is_dir() else checkout
-
-
-#: the folder of the shipped models
-WEIGHTS_DIR = _weights_dir()
+#: the folder of the shipped models: ``$CARLREG_WEIGHTS``, else the package's own ``weights``
+WEIGHTS_DIR = Path(os.environ.get("CARLREG_WEIGHTS") or Path(__file__).resolve().parent / "weights")
+#: the model used when none is named, per image dimension (the 2-D models are research models of
+#: the retina experiment, so 2-D images must name one)
+DEFAULT_MODELS = {3: "carl-brain-3d"}
 #: downloaded weights: ``$CARLREG_CACHE`` or ``~/.cache/carlreg``
 CACHE_DIR = Path(os.environ.get("CARLREG_CACHE", Path.home() / ".cache" / "carlreg"))
 
@@ -66,6 +64,48 @@ def model_card(name: str) -> Dict:
     if not card.is_file():
         raise ValueError(f"load_model(): no model named {name!r}; shipped models: {available_models() or 'none'}")
     return json.loads(card.read_text())
+
+
+def default_model(dimension: int) -> str:
+    """The model for images of ``dimension`` when none is named (:data:`DEFAULT_MODELS`).
+
+    Raises:
+        ValueError: no default for that dimension, or the default is not installed; the message
+            lists the models there are.
+    """
+    name = DEFAULT_MODELS.get(dimension)
+    if name is None or name not in available_models(dimension):
+        raise ValueError(
+            f"no default model for {dimension}-D images: name one with --model "
+            f"({', '.join(available_models(dimension)) or 'none installed'}; --list-models describes them)"
+        )
+    return name
+
+
+def describe_models() -> List[Dict[str, str]]:
+    """One row per available model, for listings: ``name``, ``dimension``, ``input`` (grid and
+    spacing), ``modality``, ``title``, ``weights`` (where the file is, or its download size)."""
+    rows = []
+    for name in available_models():
+        card = model_card(name)
+        architecture = card["architecture"]
+        shape = " × ".join(str(n) for n in architecture["input_shape"])
+        spacing = architecture.get("input_spacing_mm")
+        local = WEIGHTS_DIR / card["file"]
+        if local.is_file():
+            weights = f"shipped, {local.stat().st_size / 2**20:.0f} MiB"
+        else:
+            size = card.get("size_bytes")
+            weights = "download" + (f", {size / 2**20:.0f} MiB" if size else "")
+        rows.append({
+            "name": name,
+            "dimension": f"{architecture['dimension']}-D",
+            "input": f"{shape} at {spacing:g} mm" if spacing else f"{shape} (whole image resized)",
+            "modality": card.get("modality", ""),
+            "title": card.get("title", "") + (f" (baseline of {card['baseline_for']})" if card.get("baseline_for") else ""),
+            "weights": weights,
+        })
+    return rows
 
 
 def weights_path(name: str) -> Path:

@@ -1,7 +1,7 @@
 """Running ``carl-register`` in a worker process: progress without blocking, cancel at once.
 
 For GUIs (the Slicer module polls :meth:`WorkerJob.poll` from a timer) and for batch
-scripts. The worker is ``python -m carlreg register ... --progress json``; its stdout lines
+scripts. The worker is ``python -m carlreg.cli register ... --progress json``; its stdout lines
 are progress events, its last stderr line the error of a failed run. Cancelling kills the
 worker's whole process group, so nothing keeps running; the command line's atomic outputs
 mean a killed run leaves no partial file.
@@ -30,7 +30,7 @@ class WorkerJob:
     """
 
     def __init__(self, arguments: Sequence[str], python: Optional[str] = None, env: Optional[Dict[str, str]] = None):
-        self.command = [python or sys.executable, "-m", "carlreg", "register", *map(str, arguments), "--progress", "json"]
+        self.command = [python or sys.executable, "-m", "carlreg.cli", "register", *map(str, arguments), "--progress", "json"]
         self.env = env
         self.process: Optional[subprocess.Popen] = None
         self._events: "queue.Queue[dict]" = queue.Queue()
