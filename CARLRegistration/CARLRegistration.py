@@ -342,14 +342,19 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
                 f"The output volume '{outputVolume.GetName()}' is an input of the registration: "
                 "choose another node or create a new one."
             )
+        if movingUnderTransform and movingVolume.GetParentTransformNode() is not None:
+            raise ValueError(
+                f"The moving volume '{movingVolume.GetName()}' is already under the transform "
+                f"'{movingVolume.GetParentTransformNode().GetName()}': turn off 'moving through transform' or harden it first."
+            )
         self.folder = tempfile.mkdtemp(prefix="CARLRegistration-")
         self.metrics, self.lastError = {}, ""
         paths = {name: os.path.join(self.folder, name) for name in (
             "moving.nrrd", "fixed.nrrd", "labels.nrrd", "transform.h5", "inverse.h5",
             "warped.nrrd", "jacobian.nrrd", "warped_labels.nrrd", "summary.json")}
         try:
-            slicer.util.saveNode(movingVolume, paths["moving.nrrd"])
-            slicer.util.saveNode(fixedVolume, paths["fixed.nrrd"])
+            self._exportVolume(movingVolume, paths["moving.nrrd"])
+            self._exportVolume(fixedVolume, paths["fixed.nrrd"])
             arguments = [
                 "--moving", paths["moving.nrrd"], "--fixed", paths["fixed.nrrd"], "--model", model,
                 "--modality", modality, "--io-steps", str(ioSteps), "--device", device,
@@ -364,7 +369,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             if isinstance(movingLabels, slicer.vtkMRMLSegmentationNode):
                 segments = self._saveSegmentsAsLabels(movingLabels, movingVolume, paths["labels.nrrd"])
             elif movingLabels is not None:
-                slicer.util.saveNode(movingLabels, paths["labels.nrrd"])
+                self._exportVolume(movingLabels, paths["labels.nrrd"])
             if movingLabels is not None:
                 arguments += ["--moving-labels", paths["labels.nrrd"], "--out-warped-labels", paths["warped_labels.nrrd"]]
             self._request = {
@@ -378,30 +383,44 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             raise
 
     @staticmethod
-    def _saveSegmentsAsLabels(segmentation, referenceVolume, path: str) -> List[tuple]:
-        """Write the segments as one label map on ``referenceVolume``'s grid (segment k → label k + 1;
-        where segments overlap, the later one wins); returns ``[(segment ID, name, color)]``."""
-        import numpy as np
+    def _exportVolume(node, path: str) -> None:
+        """Write ``node`` as the user sees it (its parent transform hardened into the copy) without
+        touching it: ``exportNode`` leaves its storage node, file name and modified state alone,
+        where ``saveNode`` would point the user's storage node at our temporary file."""
+        if not slicer.util.exportNode(node, path, properties={}, world=True):
+            raise ValueError(f"Could not write the volume '{node.GetName()}' for the registration worker.")
 
+    @classmethod
+    def _saveSegmentsAsLabels(cls, segmentation, referenceVolume, path: str) -> List[tuple]:
+        """Write the segments as one label map on ``referenceVolume``'s grid with Slicer's own
+        segmentation logic (segment k → label k + 1); returns ``[(segment ID, name, color)]``."""
         ids = vtk.vtkStringArray()
         segmentation.GetSegmentation().GetSegmentIDs(ids)
-        segments, labels = [], None
-        for value, segmentId in enumerate((ids.GetValue(i) for i in range(ids.GetNumberOfValues())), start=1):
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, referenceVolume)
-            labels = np.zeros(mask.shape, np.uint16) if labels is None else labels
-            labels[mask > 0] = value
+        if ids.GetNumberOfValues() == 0:
+            raise ValueError(f"The segmentation '{segmentation.GetName()}' has no segments to warp.")
+        segments = []
+        for segmentId in (ids.GetValue(i) for i in range(ids.GetNumberOfValues())):
             segment = segmentation.GetSegmentation().GetSegment(segmentId)
             segments.append((segmentId, segment.GetName(), tuple(segment.GetColor())))
-        if labels is None:
-            raise ValueError(f"The segmentation '{segmentation.GetName()}' has no segments to warp.")
-        ijkToRAS = vtk.vtkMatrix4x4()
-        referenceVolume.GetIJKToRASMatrix(ijkToRAS)
-        node = slicer.util.addVolumeFromArray(labels, ijkToRAS, "CARLRegistration labels", "vtkMRMLLabelMapVolumeNode")
+        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CARLRegistration labels")
         try:
-            slicer.util.saveNode(node, path)
+            if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, referenceVolume):
+                raise ValueError(f"Could not export the segments of '{segmentation.GetName()}' to a label map.")
+            cls._exportVolume(labelmap, path)
         finally:
-            slicer.mrmlScene.RemoveNode(node)
+            colors = labelmap.GetDisplayNode().GetColorNode() if labelmap.GetDisplayNode() else None
+            cls._removeWithDisplay(labelmap)
+            if colors is not None:  # the export made a colour table for this label map alone
+                slicer.mrmlScene.RemoveNode(colors)
         return segments
+
+    @staticmethod
+    def _removeWithDisplay(node) -> None:
+        """Remove a temporary node and the display and storage nodes made for it."""
+        for helper in (node.GetDisplayNode(), node.GetStorageNode()):
+            if helper is not None:
+                slicer.mrmlScene.RemoveNode(helper)
+        slicer.mrmlScene.RemoveNode(node)
 
     def poll(self) -> List[dict]:
         return self.job.poll() if self.job is not None else []
@@ -452,26 +471,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         paths, moving, fixed = self._request["paths"], self._request["moving"], self._request["fixed"]
         with open(paths["summary.json"]) as handle:
             metrics = json.load(handle)
-        created = {}
-        try:
-            created["transform"] = slicer.util.loadTransform(paths["transform.h5"])
-            created["warped"] = slicer.util.loadVolume(paths["warped.nrrd"])
-            if os.path.exists(paths["inverse.h5"]):
-                created["inverse"] = slicer.util.loadTransform(paths["inverse.h5"])
-            if os.path.exists(paths["jacobian.nrrd"]):
-                created["jacobian"] = slicer.util.loadVolume(paths["jacobian.nrrd"])
-            if os.path.exists(paths["warped_labels.nrrd"]):
-                created["warpedLabels"] = slicer.util.loadLabelVolume(paths["warped_labels.nrrd"])
-                if self._request["segments"] is not None:
-                    labelmap = created.pop("warpedLabels")
-                    try:
-                        created["warpedSegmentation"] = self._segmentationFromLabels(labelmap, self._request["segments"], fixed)
-                    finally:
-                        slicer.mrmlScene.RemoveNode(labelmap)
-        except Exception:
-            for node in created.values():
-                slicer.mrmlScene.RemoveNode(node)
-            raise
+        created = self._loadResultFiles(paths, fixed)
         names = {
             "transform": f"{moving.GetName()}_to_{fixed.GetName()}",
             "warped": f"{moving.GetName()}_warped",
@@ -499,26 +499,71 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             parameters.outputVolume = created["warped"]
         return dict(created, metrics=self.metrics)
 
+    def _loadResultFiles(self, paths: Dict[str, str], fixed) -> Dict:
+        """The worker's result files as new nodes (none left behind when one fails to load)."""
+        created = {}
+        try:
+            created["transform"] = self._loadTransform(paths["transform.h5"])
+            created["warped"] = self._detachFromFile(slicer.util.loadVolume(paths["warped.nrrd"]))
+            if os.path.exists(paths["inverse.h5"]):
+                created["inverse"] = self._loadTransform(paths["inverse.h5"])
+            if os.path.exists(paths["jacobian.nrrd"]):
+                created["jacobian"] = self._detachFromFile(slicer.util.loadVolume(paths["jacobian.nrrd"]))
+            if os.path.exists(paths["warped_labels.nrrd"]):
+                created["warpedLabels"] = self._detachFromFile(slicer.util.loadLabelVolume(paths["warped_labels.nrrd"]))
+                if self._request["segments"] is not None:
+                    labelmap = created.pop("warpedLabels")
+                    try:
+                        created["warpedSegmentation"] = self._segmentationFromLabels(labelmap, self._request["segments"], fixed)
+                    finally:
+                        self._removeWithDisplay(labelmap)
+        except Exception:
+            for node in created.values():
+                self._removeWithDisplay(node)
+            raise
+        return created
+
+    @staticmethod
+    def _detachFromFile(node):
+        """The loaded ``node`` without its storage node: its file is in the temporary folder, which
+        is removed, so the scene must not refer to it; saving the scene writes the node like any
+        new one."""
+        storage = node.GetStorageNode()
+        if storage is not None:
+            node.SetAndObserveStorageNodeID(None)
+            slicer.mrmlScene.RemoveNode(storage)
+        return node
+
+    @classmethod
+    def _loadTransform(cls, path: str):
+        """The worker's transform file as a grid transform node that interpolates as ITK does:
+        Slicer interpolates a loaded grid transform cubically by default, ITK (the engine, its
+        warped volume, other tools reading the file) linearly: up to about 0.8 mm apart."""
+        node = slicer.util.loadTransform(path)
+        node.GetTransformFromParent().SetInterpolationModeToLinear()
+        return cls._detachFromFile(node)
+
     @staticmethod
     def _segmentationFromLabels(labelmap, segments: List[tuple], fixed):
         """A new segmentation on the fixed grid with the source's segments (IDs, names, colours),
-        each filled from its label in the warped label map."""
-        labels = slicer.util.arrayFromVolume(labelmap)
+        filled from the warped label map by Slicer's segmentation logic (label k + 1 → segment k)."""
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         try:
             segmentation.CreateDefaultDisplayNodes()
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixed)
-            for value, (segmentId, name, color) in enumerate(segments, start=1):
+            ids = vtk.vtkStringArray()
+            for segmentId, name, color in segments:
                 segmentation.GetSegmentation().AddEmptySegment(segmentId, name, color)
-                mask = (labels == value).astype("uint8")
-                slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segmentId, fixed)
+                ids.InsertNextValue(segmentId)
+            if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation, ids):
+                raise ValueError("Could not import the warped label map into the new segmentation.")
         except Exception:
             slicer.mrmlScene.RemoveNode(segmentation)
             raise
         return segmentation
 
-    @staticmethod
-    def _intoExisting(loaded, existing):
+    @classmethod
+    def _intoExisting(cls, loaded, existing):
         """``loaded``'s content moved into ``existing`` (which keeps its name), or ``loaded`` itself."""
         if existing is None:
             return loaded
@@ -529,7 +574,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             ijkToRAS = vtk.vtkMatrix4x4()
             loaded.GetIJKToRASMatrix(ijkToRAS)
             existing.SetIJKToRASMatrix(ijkToRAS)
-        slicer.mrmlScene.RemoveNode(loaded)
+        cls._removeWithDisplay(loaded)
         return existing
 
     @staticmethod

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from carlreg import build_carl
 from carlreg.device import bf16_supported, resolve_device, resolve_precision
 from carlreg.inference import predict_maps
-from conftest import REPO
+from conftest import REPO, require_module
 
 ENGINE = REPO / "CARLRegistration" / "carlreg"
 
@@ -115,6 +117,18 @@ def test_engine_parses_as_python_3_9(path: Path):
     )
     if uses_new_union:
         assert "from __future__ import annotations" in source
+
+
+def test_module_and_engine_need_nothing_newer_than_python_3_9():
+    """Slicer 5.8 runs Python 3.9, where slicer-core has no wheel: vermin reads the module and the
+    engine for language features and standard-library names newer than 3.9 (`X | Y` annotations
+    are checked above)."""
+    require_module("vermin")
+    completed = subprocess.run(
+        [str(Path(sys.executable).with_name("vermin")), "--target=3.9-", "--violations", "--no-tips", "--eval-annotations",
+         str(REPO / "CARLRegistration" / "CARLRegistration.py"), str(ENGINE)],
+        capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
 def test_engine_never_imports_slicer_or_prints():
