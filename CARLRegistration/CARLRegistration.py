@@ -360,6 +360,9 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
                 "--modality", modality, "--io-steps", str(ioSteps), "--device", device,
                 "--out-transform", paths["transform.h5"], "--out-warped", paths["warped.nrrd"],
                 "--summary", paths["summary.json"],
+                # Slicer continues a grid transform with its border displacement where ITK applies
+                # none: a grid over both images makes the two agree wherever either has content
+                "--field-extent", "both",
             ]
             if computeInverse:
                 arguments += ["--out-inverse", paths["inverse.h5"]]
@@ -457,7 +460,11 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         if not m:
             return ""
         text = f"{m.get('seconds', 0):.1f} s on {m.get('device', '?')}; LNCC {m.get('lncc_before', 0):.3f} → {m.get('lncc_after', 0):.3f}"
-        return text + f"; folding {m.get('folding_percent', 0):.2f} %"
+        text += f"; folding {m.get('folding_percent', 0):.2f} %"
+        if "inverse_round_trip_p95_mm" in m:
+            text += (f"; inverse round trip {m['inverse_round_trip_mean_mm']:.2f} mm "
+                     f"(95 %: {m['inverse_round_trip_p95_mm']:.2f} mm)")
+        return text
 
     # ---- results into the scene
 

@@ -460,3 +460,33 @@ def test_the_demo_pair_and_command(tmp_path):
                                capture_output=True, text=True)
     assert completed.returncode == 2 and "no model named 'no-such-model'" in completed.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_field_over_both_extents_keeps_the_fixed_part_and_covers_the_moving_image():
+    """``field_extent="both"``: the same field on the fixed image's lattice, grown over the moving
+    image (here moved 60 mm up, beyond the fixed image); the warped image and the folding are those
+    of the fixed-extent field."""
+    from carlreg.pipeline import register
+
+    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+    fixed = sitk.ReadImage(str(folder / "anatomical.nii"))
+    moving = sitk.ReadImage(str(folder / "reoriented_anat_moved.nii"))
+    moving.SetOrigin((np.array(moving.GetOrigin()) + [0.0, 0.0, 60.0]).tolist())
+    results = {extent: register(moving, fixed, "carl-brain-3d", modality="mr", device="cpu", field_extent=extent)
+               for extent in ("fixed", "both")}
+    small = results["fixed"].transform.GetDisplacementField()
+    large = results["both"].transform.GetDisplacementField()
+    assert large.GetSpacing() == small.GetSpacing() and large.GetDirection() == small.GetDirection()
+    for corner in np.array(np.meshgrid(*[[0, n - 1] for n in moving.GetSize()], indexing="ij")).reshape(3, -1).T:
+        index = large.TransformPhysicalPointToContinuousIndex(moving.TransformIndexToPhysicalPoint([int(c) for c in corner]))
+        assert all(-1e-6 <= i <= n - 1 + 1e-6 for i, n in zip(index, large.GetSize()))
+    offset = large.TransformPhysicalPointToIndex(small.GetOrigin())[::-1]
+    part = tuple(slice(o, o + n) for o, n in zip(offset, small.GetSize()[::-1]))
+    assert np.allclose(sitk.GetArrayViewFromImage(large)[part], sitk.GetArrayViewFromImage(small), atol=1e-6)
+    assert np.prod(large.GetSize()) > 1.5 * np.prod(small.GetSize())
+    assert np.allclose(sitk.GetArrayViewFromImage(results["both"].warped), sitk.GetArrayViewFromImage(results["fixed"].warped), atol=1e-4)
+    assert results["both"].metrics["folding_percent"] == pytest.approx(results["fixed"].metrics["folding_percent"], abs=1e-9)
+    # no overlap before registration: the unregistered moving image is empty on the fixed grid
+    assert results["both"].metrics["lncc_before"] == 0.0 < results["both"].metrics["lncc_after"]
+    with pytest.raises(ValueError, match="register\\(\\): field_extent must be 'fixed' or 'both', got 'moving'"):
+        register(moving, fixed, "carl-brain-3d", field_extent="moving")

@@ -205,6 +205,29 @@ def test_hardening_a_copy_of_the_moving_volume_reproduces_the_engine_warp(tmp_pa
         np.sqrt(np.mean(difference**2)), np.ptp(sitk.GetArrayFromImage(moving_image)), both.sum())
 
 
+def test_slicer_and_itk_apply_the_transform_alike_over_both_images(tmp_path, scene_pair, tiny_model):
+    """The moving volume placed 40 mm above the fixed one: the transform's grid covers both, so that
+    Slicer (which continues a grid transform with its border displacement) and ITK (which applies
+    none outside the grid) map every point of the moving image's extent alike."""
+    moving, fixed, _ = scene_pair
+    matrix = _ijk_to_ras(moving)
+    matrix[2, 3] += 40.0
+    moving.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    logic = module.CARLRegistrationLogic()
+    _run(logic, movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu")
+    transform = logic.finish()["transform"]
+    assert slicer.util.exportNode(transform, str(tmp_path / "scene.h5"), properties={})
+    itk = sitk.ReadTransform(str(tmp_path / "scene.h5"))
+    points_ras = _points_inside(moving, 1000)
+    fixed_bounds = np.array([0.0] * 6)
+    fixed.GetRASBounds(fixed_bounds)
+    outside_fixed = points_ras[:, 2] > fixed_bounds[5]
+    assert outside_fixed.sum() > 100  # the comparison reaches beyond the fixed image
+    slicer_mapped = np.array([transform.GetTransformFromParent().TransformPoint(p) for p in points_ras])
+    itk_mapped = np.array([LPS_RAS @ itk.TransformPoint((LPS_RAS @ p).tolist()) for p in points_ras])
+    assert np.abs(slicer_mapped - itk_mapped).max() <= 1e-3
+
+
 def test_results_go_into_existing_output_nodes(scene_pair, tiny_model):
     moving, fixed, _ = scene_pair
     logic = module.CARLRegistrationLogic()

@@ -87,7 +87,13 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed", help="fixed image; required")
     parser.add_argument("--out-transform", help="fixed → moving transform: .h5/.tfm or a field image .nii.gz/.nrrd/.mha (LPS); required")
     parser.add_argument("--out-warped", help="moving image resampled onto the fixed grid")
-    parser.add_argument("--out-inverse", help="moving → fixed transform (second pass, images swapped)")
+    parser.add_argument("--out-inverse", help="moving → fixed transform, on the moving grid (see --inverse-method)")
+    parser.add_argument(
+        "--inverse-method", choices=["exact", "network"], default="exact",
+        help="exact (default): the numerical inverse of the fixed → moving field, by fixed-point iteration "
+             "started from the network's reverse pass; network: the reverse pass (images swapped) as is, "
+             "only approximately inverse",
+    )
     parser.add_argument("--out-jacobian", help="Jacobian determinant image of the fixed → moving map")
     parser.add_argument("--moving-labels", help="label map on the moving image, to warp")
     parser.add_argument("--out-warped-labels", help="where to write the warped moving label map")
@@ -102,6 +108,8 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--field-spacing", type=float, help="transform grid spacing in mm (default: the fixed image's)")
+    parser.add_argument("--field-extent", choices=["fixed", "both"], default="fixed",
+                        help="the transform's grid covers the fixed image (default) or both images' extents")
     parser.add_argument("--summary", help="write the metrics as JSON")
     parser.add_argument("--report", help="write a report PNG (needs matplotlib)")
     parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
@@ -144,8 +152,9 @@ def register_main(argv: Optional[List[str]] = None) -> int:
                   f"{fixed.GetDimension()}-D images (--list-models shows the others)", file=sys.stderr)
         result = register(
             moving, fixed, model, modality=args.modality, io_steps=args.io_steps,
-            device=args.device, inverse=bool(args.out_inverse), progress=progress_printer(args.progress),
-            field_spacing_mm=args.field_spacing, precision=args.precision,
+            device=args.device, inverse=bool(args.out_inverse), inverse_method=args.inverse_method,
+            progress=progress_printer(args.progress),
+            field_spacing_mm=args.field_spacing, field_extent=args.field_extent, precision=args.precision,
             moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
             fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
             landmarks_coordinate_system=args.landmarks_coordinate_system,

@@ -41,6 +41,7 @@ __all__ = [
     "index_to_unit",
     "unit_to_index",
     "output_grid",
+    "covering_grid",
     "map_to_displacement_field",
     "jacobian_determinant",
 ]
@@ -132,6 +133,28 @@ def output_grid(fixed: sitk.Image, spacing_mm: Optional[float] = None) -> sitk.I
     coarse.SetDirection(fixed.GetDirection())
     coarse.SetSpacing([spacing_mm] * fixed.GetDimension())
     return coarse
+
+
+def covering_grid(grid: sitk.Image, other: sitk.Image) -> Tuple[sitk.Image, Tuple[slice, ...]]:
+    """``grid`` grown, on its own lattice (same spacing and direction, whole steps), until it also
+    covers ``other``'s extent (its voxel centres' bounding box, in physical space).
+
+    Returns:
+        the grown grid, and the slices (tensor order) of the grown grid's array where ``grid``'s
+        own voxels are.
+    """
+    dimension = grid.GetDimension()
+    corners_ijk = np.array(np.meshgrid(*[[0, n - 1] for n in other.GetSize()], indexing="ij")).reshape(dimension, -1)
+    corners_lps = _index_to_lps_matrix(other) @ corners_ijk + np.array(other.GetOrigin())[:, None]
+    in_grid = np.linalg.inv(_index_to_lps_matrix(grid)) @ (corners_lps - np.array(grid.GetOrigin())[:, None])
+    low = np.minimum(0, np.floor(in_grid.min(axis=1) + 1e-6)).astype(int)
+    high = np.maximum(np.array(grid.GetSize()) - 1, np.ceil(in_grid.max(axis=1) - 1e-6)).astype(int)
+    grown = sitk.Image([int(n) for n in high - low + 1], sitk.sitkUInt8)
+    grown.SetSpacing(grid.GetSpacing())
+    grown.SetDirection(grid.GetDirection())
+    grown.SetOrigin((np.array(grid.GetOrigin()) + _index_to_lps_matrix(grid) @ low).tolist())
+    own = tuple(slice(-lo, -lo + n) for lo, n in zip(low, grid.GetSize()))[::-1]
+    return grown, own
 
 
 def map_to_displacement_field(

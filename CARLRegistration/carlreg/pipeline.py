@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import SimpleITK as sitk
 import torch
 from torch import nn
 
 from .device import resolve_device
-from .geometry import canonical_orientation, jacobian_determinant, map_to_displacement_field, network_ratios, output_grid, to_network
+from .geometry import (
+    canonical_orientation, covering_grid, jacobian_determinant, map_to_displacement_field, network_ratios, output_grid,
+    to_network,
+)
 from .inference import predict_maps
+from .inverse import invert_displacement_field, round_trip_error
 from .io import ImageError, PathLike, image_to_tensor, read_image
 from .landmarks import read_landmarks, target_registration_error
 from .losses import lncc
@@ -41,12 +45,19 @@ class RegistrationResult:
 
     - ``transform``: fixed → moving (resampling transform), a displacement field in LPS mm on
       the fixed grid: ``sitk.Resample(moving, fixed, transform)`` is ``warped``.
-    - ``inverse_transform``: moving → fixed on the moving grid (from the reverse pass), or None.
+    - ``inverse_transform``: moving → fixed, a displacement field in LPS mm on the moving grid,
+      or None unless ``inverse=True``. ``inverse_method="exact"``: the numerical inverse of
+      ``transform`` (:func:`carlreg.inverse.invert_displacement_field`, started from the
+      network's reverse pass, which it keeps where the forward field is not defined);
+      ``"network"``: the reverse pass (images swapped) as is, inverse only approximately.
     - ``warped``: the moving image on the fixed grid (linear interpolation).
     - ``jacobian``: determinant of the fixed → moving map's Jacobian, on the field's grid.
     - ``metrics``: ``lncc_before``, ``lncc_after`` (mean local NCC, 1 = identical),
       ``folding_percent`` (voxels with determinant ≤ 0), ``seconds``, ``device``, and
-      ``dice_before``/``dice_after`` (mean over labels) when label maps were given.
+      ``dice_before``/``dice_after`` (mean over labels) when label maps were given, and with
+      ``inverse=True`` the inverse's round trip ``|ψ(φ(x)) − x|`` over the fixed foreground
+      (:func:`carlreg.inverse.round_trip_error`): ``inverse_round_trip_mean_mm``,
+      ``inverse_round_trip_p95_mm`` and ``inverse_round_trip_voxels`` (the voxels counted).
     - ``warped_labels``: the moving label map on the fixed grid (nearest neighbour), or None.
     """
 
@@ -85,10 +96,57 @@ def network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional[
 
 
 def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape, spacing_mm: Optional[float]) -> float:
-    """Mean LNCC of an image on the fixed grid against the fixed image, on the fixed network grid."""
+    """Mean LNCC of an image on the fixed grid against the fixed image, on the fixed network grid.
+
+    0 for a constant image: the moving image resampled without registration is empty where the two
+    do not overlap (a large offset), and correlates with nothing."""
+    statistics = sitk.StatisticsImageFilter()
+    statistics.Execute(image)
+    if statistics.GetMinimum() == statistics.GetMaximum():
+        return 0.0
     a = network_input(image, modality, shape, spacing_mm, "image")
     b = network_input(fixed, modality, shape, spacing_mm, "fixed image")
     return float(torch.mean(lncc(a, b)))
+
+
+#: the values of register()'s ``inverse_method`` and ``field_extent``
+INVERSE_METHODS = ("exact", "network")
+FIELD_EXTENTS = ("fixed", "both")
+
+
+def _field_grid(fixed: sitk.Image, moving: sitk.Image, spacing_mm: Optional[float], extent: str):
+    """The forward field's grid (:func:`carlreg.geometry.output_grid`), grown over the moving
+    image's extent too when ``extent`` is ``"both"``; and the slices (tensor order) of its array
+    that hold the fixed extent (None: all of it)."""
+    grid = output_grid(fixed, spacing_mm)
+    if extent == "fixed":
+        return grid, None
+    return covering_grid(grid, moving)
+
+
+def _inverse_transform(
+    forward: sitk.DisplacementFieldTransform,
+    reverse_field: sitk.Image,
+    fixed: sitk.Image,
+    method: str,
+    progress: Optional[ProgressCallback],
+    should_cancel: Optional[CancelCheck],
+) -> Tuple[sitk.DisplacementFieldTransform, Dict[str, Union[float, int]]]:
+    """The moving → fixed transform :func:`register` returns, and its round-trip figures.
+
+    ``forward``: fixed → moving on the fixed grid; ``reverse_field``: the network's moving → fixed
+    field on the moving grid (LPS mm). ``method`` ``"exact"`` refines it into the numerical
+    inverse of ``forward``, ``"network"`` keeps it as is.
+    """
+    reporter = StageReporter("inverse", 2, progress, should_cancel)
+    forward_field = forward.GetDisplacementField()  # a copy: the transform owns its field
+    field = reverse_field
+    if method == "exact":
+        field = invert_displacement_field(forward_field, reverse_field, should_cancel=should_cancel)
+    reporter.report(1, method)
+    figures = round_trip_error(forward_field, field, fixed)
+    reporter.report(2)
+    return sitk.DisplacementFieldTransform(field), figures
 
 
 def register(
@@ -108,6 +166,8 @@ def register(
     fixed_landmarks: Optional[PathLike] = None,
     moving_landmarks: Optional[PathLike] = None,
     landmarks_coordinate_system: Optional[str] = None,
+    inverse_method: str = "exact",
+    field_extent: str = "fixed",
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; each keeps its own geometry (no pre-alignment needed).
 
@@ -122,13 +182,24 @@ def register(
         modality: ``auto``, ``ct``, ``mr`` or ``max`` (see :mod:`carlreg.preprocess`).
         io_steps: instance-optimization steps (0: none).
         inverse: also compute the moving → fixed transform.
+        inverse_method: ``exact`` (the numerical inverse of the forward field, started from the
+            network's reverse pass) or ``network`` (the reverse pass as is).
         field_spacing_mm: spacing of the transform's grid (default: the fixed image's own).
+        field_extent: ``fixed``: the transform's grid covers the fixed image (beyond it ITK
+            applies no displacement, Slicer's grid transform the border's); ``both``: the grid,
+            on the same lattice, grows to cover the moving image's extent too, so that ITK and
+            Slicer agree there as well (the warped image is the same; folding is counted over the
+            fixed extent).
         precision: ``fp32`` or ``bf16`` for the network.
         moving_labels, fixed_labels: label maps for the warped label map and Dice.
         fixed_landmarks, moving_landmarks: ``.fcsv``/``.mrk.json``/``.csv`` files for the TRE
             (``landmarks_coordinate_system``, RAS or LPS, for CSV).
     """
     started = time.perf_counter()
+    if inverse_method not in INVERSE_METHODS:
+        raise ValueError(f"register(): inverse_method must be 'exact' or 'network', got {inverse_method!r}")
+    if field_extent not in FIELD_EXTENTS:
+        raise ValueError(f"register(): field_extent must be 'fixed' or 'both', got {field_extent!r}")
     device = resolve_device(device)
     reporter = StageReporter("loading", 1, progress, should_cancel)
     moving, fixed = _as_image(moving, "moving image"), _as_image(fixed, "fixed image")
@@ -156,29 +227,35 @@ def register(
         reporter.report(1)
 
     reporter = StageReporter("transform", 3 if inverse else 2, progress, should_cancel)
-    grid = output_grid(fixed, field_spacing_mm)
+    grid, fixed_part = _field_grid(fixed, moving, field_spacing_mm, field_extent)
     field_image = map_to_displacement_field(maps.fixed_to_moving, fixed_oriented, moving_oriented, grid, spacing_mm)
     jacobian = jacobian_determinant(field_image)
     transform = sitk.DisplacementFieldTransform(field_image)
     reporter.report(1)
-    inverse_transform = None
+    reverse_field = None
     if inverse:
-        inverse_field = map_to_displacement_field(
+        reverse_field = map_to_displacement_field(
             maps.moving_to_fixed, moving_oriented, fixed_oriented, output_grid(moving), spacing_mm
         )
-        inverse_transform = sitk.DisplacementFieldTransform(inverse_field)
         reporter.report(2)
     warped = warp_image(moving, fixed, transform)
     reporter.report(3 if inverse else 2)
+    inverse_transform, round_trip = None, {}
+    if inverse:
+        inverse_transform, round_trip = _inverse_transform(
+            transform, reverse_field, fixed, inverse_method, progress, should_cancel
+        )
 
     reporter = StageReporter("metrics", 1, progress, should_cancel)
     identity = warp_image(moving, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
     determinant = sitk.GetArrayViewFromImage(jacobian)
+    determinant = determinant if fixed_part is None else determinant[fixed_part]
     metrics: Dict[str, Union[float, str]] = {
         "lncc_before": _mean_lncc(identity, fixed, modality, shape, spacing_mm),
         "lncc_after": _mean_lncc(warped, fixed, modality, shape, spacing_mm),
         "folding_percent": float((determinant <= 0).mean() * 100.0),
         "device": str(device),
+        **round_trip,
     }
     warped_labels = None
     if moving_labels is not None:
