@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from .device import resolve_device
 from .network import CARLConfig, build_from_config
+from .progress import CancelCheck, ProgressCallback
 from .registry import WEIGHTS_DIR, available_models, model_card, sha256_of, weights_path
 
 __all__ = ["WEIGHTS_DIR", "available_models", "model_card", "load_model", "sha256_of", "weights_path"]
@@ -80,8 +81,16 @@ def _load_file(path: Path, expected_sha256: str = "") -> Dict:
         raise ValueError(f"load_model(): cannot load {path} safely: {str(err).splitlines()[0]}") from err
 
 
-def load_model(name_or_path: Union[str, os.PathLike, nn.Module], device: Union[str, torch.device] = "auto") -> nn.Module:
-    """A model in eval mode on ``device``: a shipped model's name, a weights file, or a module."""
+def load_model(
+    name_or_path: Union[str, os.PathLike, nn.Module],
+    device: Union[str, torch.device] = "auto",
+    progress: Optional[ProgressCallback] = None,
+    should_cancel: Optional[CancelCheck] = None,
+) -> nn.Module:
+    """A model in eval mode on ``device``: a shipped model's name, a weights file, or a module.
+
+    A shipped model whose weights are downloaded on first use reports the download to
+    ``progress`` (stage ``download``) and stops when ``should_cancel()`` is true."""
     device = resolve_device(device)
     if isinstance(name_or_path, nn.Module):
         model = name_or_path
@@ -92,7 +101,7 @@ def load_model(name_or_path: Union[str, os.PathLike, nn.Module], device: Union[s
     path = Path(text)
     if not path.exists() and os.sep not in text and not text.endswith((".pt", ".pth")):
         card = model_card(text)
-        state = _load_file(weights_path(text), card.get("sha256", ""))
+        state = _load_file(weights_path(text, progress, should_cancel))
         config = _config_from_architecture(card["architecture"], f"model card {text}")
         return _with_spacing(_build_and_load(config, state, f"model {text}"), card["architecture"]).to(device).eval()
     if not path.is_file():

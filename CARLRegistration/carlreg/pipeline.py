@@ -203,7 +203,7 @@ def register(
     device = resolve_device(device)
     reporter = StageReporter("loading", 1, progress, should_cancel)
     moving, fixed = _as_image(moving, "moving image"), _as_image(fixed, "fixed image")
-    network = load_model(model, device)
+    network = load_model(model, device, progress, should_cancel)
     shape = tuple(int(n) for n in network.input_shape)
     for what, image in (("moving", moving), ("fixed", fixed)):
         if image.GetDimension() != len(shape):

@@ -5,7 +5,8 @@ package data (``carlreg/weights``), so a wheel install, an editable install and 
 extension (``CARLRegistration/CMakeLists.txt``) all find them in the same place. The Slicer module
 lists them from its GUI process, where torch may not be installed yet. A card
 may instead give a ``url``: the weights are then downloaded on first use into a user cache
-folder (never the install folder), verified against the card's SHA256, and kept there.
+folder (never the install folder) by :mod:`carlreg.download`, verified against the card's
+SHA256 or, where the publisher gives none, against the one recorded at the first download.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from .download import DownloadError, download_file
+from .progress import CancelCheck, ProgressCallback
 
 __all__ = [
     "WEIGHTS_DIR", "CACHE_DIR", "DEFAULT_MODELS", "available_models", "default_model", "model_card",
@@ -108,38 +112,49 @@ def describe_models() -> List[Dict[str, str]]:
     return rows
 
 
-def weights_path(name: str) -> Path:
-    """The weights file of a shipped model: in ``WEIGHTS_DIR``, else downloaded into ``CACHE_DIR``.
+def weights_path(name: str, progress: Optional[ProgressCallback] = None, should_cancel: Optional[CancelCheck] = None) -> Path:
+    """The weights file of a shipped model: in ``WEIGHTS_DIR``, else in ``CACHE_DIR``, downloaded
+    from the card's ``url`` on first use (stage ``download`` of ``progress``; cancellable).
+
+    The file's SHA256 is the card's when it gives one; otherwise (a publisher that gives none, as
+    for uniCARL) it is recorded at the first download, in ``<file>.sha256`` beside it, and every
+    later use verifies the file against it.
 
     Raises:
-        ValueError: unknown model, no file and no ``url``, or a download whose SHA256 differs
-            from the card's (nothing is kept then).
+        ValueError: unknown model, no file and no ``url``, a download that fails (the message says
+            how to place the file by hand) or whose SHA256 differs from the card's, or a cached
+            file that changed since it was recorded (nothing is kept or used then).
     """
-    import tempfile
-    import urllib.request
-
     card = model_card(name)
     local = WEIGHTS_DIR / card["file"]
     if local.is_file():
+        if card.get("sha256") and sha256_of(local) != card["sha256"]:
+            raise ValueError(f"load_model(): checksum mismatch for {local}: the file is damaged or not the shipped one")
         return local
-    if not card.get("url") or not card.get("sha256"):
-        raise ValueError(f"load_model(): the weights of {name!r} are missing and its card gives no url and sha256")
+    if not card.get("url"):
+        raise ValueError(f"load_model(): the weights of {name!r} are missing and its card gives no url")
     target = CACHE_DIR / card["file"]
-    if target.is_file() and sha256_of(target) == card["sha256"]:
-        return target
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=CACHE_DIR)
-    os.close(handle)
-    try:
-        with urllib.request.urlopen(card["url"]) as response, open(temporary, "wb") as out:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-        if sha256_of(Path(temporary)) != card["sha256"]:
+    record = target.with_name(target.name + ".sha256")
+    if not target.is_file():
+        try:
+            digest = download_file(card["url"], target, card.get("size_bytes"), progress, should_cancel)
+        except DownloadError as err:
+            raise ValueError(
+                f"load_model(): cannot download {name!r} from {card['url']} ({err}); on a machine without "
+                f"that access, place the file at {target} (or set CARLREG_CACHE to its folder)"
+            ) from err
+        if card.get("sha256") and digest != card["sha256"]:
+            target.unlink()
             raise ValueError(f"load_model(): the download of {name!r} does not match its SHA256; nothing was kept")
-        os.replace(temporary, target)
-    except OSError as err:
-        raise ValueError(f"load_model(): cannot download {name!r} from {card['url']}: {err}") from err
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        if not card.get("sha256"):
+            record.write_text(digest + "\n")
+    expected = card.get("sha256") or (record.read_text().strip() if record.is_file() else "")
+    actual = sha256_of(target)
+    if not expected:  # placed by hand: its checksum is recorded now and checked from then on
+        record.write_text(actual + "\n")
+    elif actual != expected:
+        raise ValueError(
+            f"load_model(): {target} is not the file first downloaded for {name!r} (SHA256 {actual[:12]}…, "
+            f"recorded {expected[:12]}…): delete it to download it again"
+        )
     return target
