@@ -490,3 +490,39 @@ def test_a_field_over_both_extents_keeps_the_fixed_part_and_covers_the_moving_im
     assert results["both"].metrics["lncc_before"] == 0.0 < results["both"].metrics["lncc_after"]
     with pytest.raises(ValueError, match="register\\(\\): field_extent must be 'fixed' or 'both', got 'moving'"):
         register(moving, fixed, "carl-brain-3d", field_extent="moving")
+
+
+def test_a_field_splits_into_its_affine_part_and_a_residual(tmp_path):
+    """A known affine map plus a smooth residual on a real image's grid: the affine part is found,
+    and the composite maps the grid's points as the field does; the command line writes it."""
+    from carlreg.affine import affine_part, decompose
+
+    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+    fixed = sitk.ReadImage(str(folder / "anatomical.nii"))
+    truth = sitk.AffineTransform(3)
+    truth.SetMatrix([1.05, 0.03, 0.0, -0.02, 0.97, 0.04, 0.01, 0.0, 1.02])
+    truth.SetTranslation([4.0, -7.0, 12.0])
+    field = sitk.TransformToDisplacementField(truth, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
+                                              fixed.GetSpacing(), fixed.GetDirection())
+    matrix, translation = affine_part(field)
+    assert np.allclose(matrix, np.array(truth.GetMatrix()).reshape(3, 3), atol=1e-9)
+    assert np.allclose(translation, truth.GetTranslation(), atol=1e-7)
+    wavy = sitk.GetArrayFromImage(field)
+    z = np.linspace(0, np.pi, wavy.shape[0])[:, None, None]
+    wavy[..., 0] += 2.0 * np.sin(z)
+    bent = sitk.GetImageFromArray(wavy, isVector=True)
+    bent.CopyInformation(field)
+    composite = decompose(bent)
+    reference = sitk.DisplacementFieldTransform(sitk.Image(bent))
+    points = [fixed.TransformIndexToPhysicalPoint([i, j, k]) for i, j, k in [(0, 0, 0), (5, 9, 3), (20, 30, 12), (32, 40, 24)]]
+    for point in points:
+        assert np.allclose(composite.TransformPoint(point), reference.TransformPoint(point), atol=1e-6)
+    moving = folder / "reoriented_anat_moved.nii"
+    completed = _run_cli("--moving", moving, "--fixed", folder / "anatomical.nii", "--model", "carl-brain-3d",
+                         "--device", "cpu", "--out-transform", tmp_path / "t.h5", "--out-affine", tmp_path / "a.h5")
+    assert completed.returncode == 0, completed.stderr
+    written = sitk.CompositeTransform(sitk.ReadTransform(str(tmp_path / "a.h5")))
+    assert written.GetNumberOfTransforms() == 2 and written.GetNthTransform(0).GetName() == "AffineTransform"
+    completed = _run_cli("--moving", moving, "--fixed", folder / "anatomical.nii", "--out-transform", tmp_path / "t2.h5",
+                         "--out-affine", tmp_path / "a.nii.gz")
+    assert completed.returncode == 2 and "--out-affine expects an ITK transform file" in completed.stderr

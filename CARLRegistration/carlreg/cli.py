@@ -94,6 +94,8 @@ def _register_parser() -> argparse.ArgumentParser:
              "started from the network's reverse pass; network: the reverse pass (images swapped) as is, "
              "only approximately inverse",
     )
+    parser.add_argument("--out-affine", help="the fixed → moving transform split into its affine part and a residual "
+                                             "field: an ITK composite transform file (.h5/.tfm), the affine first")
     parser.add_argument("--out-jacobian", help="Jacobian determinant image of the fixed → moving map")
     parser.add_argument("--moving-labels", help="label map on the moving image, to warp")
     parser.add_argument("--out-warped-labels", help="where to write the warped moving label map")
@@ -137,9 +139,11 @@ def register_main(argv: Optional[List[str]] = None) -> int:
 
         if args.out_warped_labels and not args.moving_labels:
             raise ValueError("--out-warped-labels needs --moving-labels")
+        if args.out_affine and not args.out_affine.lower().endswith((".h5", ".tfm")):
+            raise ValueError(f"--out-affine expects an ITK transform file (.h5 or .tfm), got {args.out_affine}")
         inputs = [args.moving, args.fixed, args.moving_labels, args.fixed_labels, args.model,
                   args.fixed_landmarks, args.moving_landmarks]
-        outputs = [args.out_transform, args.out_warped, args.out_inverse, args.out_jacobian,
+        outputs = [args.out_transform, args.out_warped, args.out_inverse, args.out_affine, args.out_jacobian,
                    args.out_warped_labels, args.summary, args.report]
         check_outputs(outputs, inputs)
         moving, fixed = read_image(args.moving, "moving image"), read_image(args.fixed, "fixed image")
@@ -163,6 +167,10 @@ def register_main(argv: Optional[List[str]] = None) -> int:
             write_transform(result.transform, reserve(args.out_transform))
             if args.out_inverse:
                 write_transform(result.inverse_transform, reserve(args.out_inverse))
+            if args.out_affine:
+                from .affine import decompose
+
+                sitk.WriteTransform(decompose(result.transform.GetDisplacementField()), str(reserve(args.out_affine)))
             if args.out_warped:
                 write_image(result.warped, reserve(args.out_warped))
             if args.out_jacobian:

@@ -1,12 +1,13 @@
-"""Intensity normalisation of one image to the network's [0, 1] range."""
+"""Preparing one image for a network: intensity normalisation to [0, 1], and uniCARL's own preprocessing."""
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from .io import ImageError
 
-__all__ = ["MODALITIES", "guess_modality", "normalize_intensities"]
+__all__ = ["MODALITIES", "guess_modality", "normalize_intensities", "UNICARL_ORIENTATION", "unicarl_preprocess"]
 
 MODALITIES = ("auto", "ct", "mr", "max")
 #: CT window, Hounsfield units
@@ -55,3 +56,60 @@ def normalize_intensities(image: torch.Tensor, modality: str = "auto", what: str
             raise ImageError(f"{what}: modality 'max' needs a positive maximum, got {high:g}")
         return (values / high).float()
     return ((values.clamp(low, high) - low) / (high - low)).float()
+
+
+#: the orientation uniCARL's inputs are put in. Its authors' code asks ITK for the legacy code
+#: ``ITK_COORDINATE_ORIENTATION_RAS``, which names where each axis comes *from*: the axes run
+#: towards left, posterior and inferior, DICOM's "LPI" as SimpleITK's DICOMOrient names it.
+UNICARL_ORIENTATION = "LPI"
+#: the percentiles uniCARL's inputs are clamped to, then scaled to [0, 1]
+UNICARL_QUANTILES = (0.01, 0.99)
+
+
+def _constant_border(array: np.ndarray, axis: int, from_end: bool) -> int:
+    """How many slices at one end of ``axis`` hold a single value each."""
+    slices = np.moveaxis(array, axis, 0)
+    order = range(len(slices) - 1, -1, -1) if from_end else range(len(slices))
+    count = 0
+    for index in order:
+        if not np.all(slices[index] == slices[index].flat[0]):
+            return count
+        count += 1
+    raise ImageError("the image is constant: nothing to register")
+
+
+def _kth_smallest(values: np.ndarray, fraction: float) -> float:
+    """The ``int(fraction · N)``-th smallest value (1-based, as ``torch.kthvalue``)."""
+    k = max(1, int(fraction * values.size))
+    return float(np.partition(values.ravel(), k - 1)[k - 1])
+
+
+def unicarl_preprocess(image: sitk.Image) -> sitk.Image:
+    """uniCARL's preprocessing, the same for every modality (its authors' ``preprocess``).
+
+    The image cast to float32 and reoriented to :data:`UNICARL_ORIENTATION` (axes permuted and
+    flipped, exactly); at each end of each axis the slices of a single value cropped, and one more
+    (the crop keeps the physical placement: the origin moves with it); intensities clamped to the
+    1st–99th percentile of the cropped image and scaled to [0, 1]. The network then sees the whole
+    array resized to its input shape.
+
+    Raises:
+        ImageError: a constant image.
+    """
+    oriented = sitk.DICOMOrient(sitk.Cast(image, sitk.sitkFloat32), UNICARL_ORIENTATION)
+    array = sitk.GetArrayViewFromImage(oriented)  # tensor order (z, y, x)
+    lower, upper = [], []
+    for axis in range(array.ndim)[::-1]:  # SimpleITK's x, y, z
+        lower.append(_constant_border(array, axis, from_end=False) + 1)
+        upper.append(_constant_border(array, axis, from_end=True) + 1)
+    if any(lo + up >= n for lo, up, n in zip(lower, upper, oriented.GetSize())):
+        raise ImageError("the image has no content left once its constant border is cropped")
+    cropped = sitk.Crop(oriented, lower, upper)
+    values = sitk.GetArrayViewFromImage(cropped)
+    low, high = (_kth_smallest(values, q) for q in UNICARL_QUANTILES)
+    if high <= low:
+        raise ImageError(f"the image's 1st and 99th percentiles are equal ({low:g}): nothing to register")
+    scaled = (np.clip(values, low, high).astype(np.float64) - low) * (1.0 / (high - low))
+    result = sitk.GetImageFromArray(scaled.astype(np.float32))
+    result.CopyInformation(cropped)
+    return result
