@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # The reference CARL implementation, used only as a test oracle (installed without its dependencies).
 REFERENCE ?= icon_registration==1.1.9
 
-.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp clean
+.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest Testing
 
 # Benchmarks (not part of CI): results land in bench/results/.
-bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp
+bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
@@ -56,6 +56,9 @@ bench-equivariance: $(VENV)/.installed
 
 bench-known-warp: $(VENV)/.bench-installed
 	$(PY) bench/known_warp.py
+
+bench-unicarl: $(VENV)/.installed
+	$(PY) bench/unicarl.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

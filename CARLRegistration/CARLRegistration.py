@@ -104,6 +104,7 @@ class CARLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
+        self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -159,6 +160,9 @@ class CARLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.registerButton.toolTip = (
             "Register the moving volume to the fixed volume." if not missing else "Select " + " and ".join(missing) + "."
         )
+
+    def onModelChanged(self, name: str) -> None:
+        self.ui.modelInfoLabel.text = self.logic.modelDescription(name)
 
     def onRegisterButton(self) -> None:
         if self.logic.isRunning():
@@ -231,6 +235,16 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
     def availableModels(self) -> List[str]:
         """Shipped models for volumes (3-D); the 2-D ones and the baselines serve the command line and benchmarks."""
         return self._engine("registry").available_models(dimension=3, baselines=False)
+
+    def modelDescription(self, name: str) -> str:
+        """One line on a listed model for the panel: what it is, its input, and its weights (a
+        model downloaded on first use says how large the download is)."""
+        rows = {row["name"]: row for row in self._engine("registry").describe_models()}
+        row = rows.get(name)
+        if row is None:
+            return "A weights file of your own, chosen below." if name == CUSTOM_MODEL else ""
+        weights = row["weights"].replace("download, ", "downloaded once on first use, ")
+        return f"{row['title']}. {row['modality']}; input {row['input']}; weights {weights}."
 
     def availableDevices(self) -> List[str]:
         """auto, then a GPU when one is present, then cpu.

@@ -65,8 +65,10 @@ def build_panel():
         panel.findChild(QtWidgets.QComboBox, name).addItems(items)
     panel.findChild(QtWidgets.QProgressBar, "progressBar").setValue(40)
     panel.findChild(QtWidgets.QLabel, "statusLabel").setText("instance optimization: step 20 of 50, 35 s left")
+    panel.findChild(QtWidgets.QLabel, "modelInfoLabel").setText(
+        "CARL for 3-D brain MR, any contrast. brain MR (3-D), whole head; input 64 × 72 × 64 at 3 mm; weights shipped, 9 MiB.")
     panel.findChild(QtWidgets.QPushButton, "registerButton").setText("Cancel")
-    panel.resize(460, 560)
+    panel.resize(460, 600)
     return app, panel
 
 

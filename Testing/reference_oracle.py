@@ -33,6 +33,19 @@ def float64_attention():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
+def randomise_zero_initialised(model: torch.nn.Module) -> None:
+    """Random output convolutions and BatchNorm statistics (a trained network has both)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lastConv" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+
+
 def load_reference() -> types.SimpleNamespace:
     try:
         import icon_registration  # noqa: F401

@@ -17,24 +17,11 @@ from carlreg.losses import DiffusionObjective, GradICONObjective, lncc_loss
 from carlreg.optimize import tune
 from conftest import REPO
 from images import MR_PAIR_2D, MR_PAIR_3D, load_pair
-from reference_oracle import build_reference, float64_attention, reference_maps
+from reference_oracle import build_reference, float64_attention, randomise_zero_initialised, reference_maps
 
 TOLERANCE = 1e-5
 SHAPES = {2: (64, 80), 3: (36, 40, 48)}
 REAL_PAIRS = {2: MR_PAIR_2D, 3: MR_PAIR_3D}
-
-
-def randomise_zero_initialised(model: torch.nn.Module) -> None:
-    """Random output convolutions and BatchNorm statistics (a trained network has both)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lastConv" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
 
 
 def make_pair_models(reference, variant, dimension, fourth_step, diffusion=False):

@@ -561,3 +561,17 @@ def test_the_modules_own_self_test_passes_with_the_shipped_model():
     with open(os.devnull, "w") as quiet:
         result = unittest.TextTestRunner(stream=quiet).run(module.CARLRegistrationTest("runTest"))
     assert result.wasSuccessful() and not result.skipped, result.errors + result.failures + result.skipped
+
+
+def test_the_panel_describes_the_selected_model_and_its_download(scene_pair):
+    widget = module.CARLRegistrationWidget()
+    widget.setup()
+    assert "unicarl" in widget.ui.modelComboBox.items  # offered, to be downloaded on first use
+    assert widget.ui.modelComboBox.slots["currentTextChanged(QString)"] == widget.onModelChanged
+    widget.onModelChanged("unicarl")
+    text = widget.ui.modelInfoLabel.text
+    assert text.startswith("uniCARL") and "downloaded once on first use, 543 MiB" in text and "160 × 160 × 160" in text
+    widget.onModelChanged("carl-brain-3d")
+    assert "64 × 72 × 64 at 3 mm" in widget.ui.modelInfoLabel.text and "shipped" in widget.ui.modelInfoLabel.text
+    widget.onModelChanged(module.CUSTOM_MODEL)
+    assert widget.ui.modelInfoLabel.text == "A weights file of your own, chosen below."

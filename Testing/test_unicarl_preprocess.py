@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from carlreg.io import ImageError
 from carlreg.preprocess import unicarl_preprocess
@@ -59,3 +60,36 @@ def test_preprocessing_equals_the_authors(reference_preprocess, parts):
 def test_a_constant_image_is_refused():
     with pytest.raises(ImageError, match="the image is constant"):
         unicarl_preprocess(sitk.Image([8, 8, 8], sitk.sitkFloat32))
+
+
+class _IdentityUniCARL(torch.nn.Module):
+    """A stand-in network with uniCARL's interface whose map is the identity in the unit frame."""
+
+    input_spacing_mm = None
+    preprocessing = "unicarl"
+
+    def __init__(self, shape):
+        super().__init__()
+        self.input_shape = tuple(shape)
+
+    def forward(self, moving, fixed):
+        from carlreg.maps import identity_map
+
+        return identity_map(self.input_shape).expand(moving.shape[0], -1, *self.input_shape)
+
+
+def test_the_pipeline_places_the_cropped_images_in_physical_space():
+    """Each image cropped by uniCARL's preprocessing and resized whole: a copy of the fixed image
+    moved 20 mm, in a field of view 10 slices larger (a constant border that the crop removes), is
+    found 20 mm away by an identity map in the unit frame, everywhere on the fixed image's full
+    grid: the crop's physical placement is kept."""
+    from carlreg.pipeline import register
+
+    fixed = sitk.ReadImage(str(shared_data_path("tiny_fixtures", "slicer_mrbraintumor", "MRBrainTumor1.nii.gz")))
+    moving = sitk.ConstantPad(fixed, [0, 0, 10], [0, 0, 0], 0.0)
+    moving.SetOrigin((np.array(moving.GetOrigin()) + [0.0, 0.0, 20.0]).tolist())
+    assert moving.GetSize()[2] == fixed.GetSize()[2] + 10
+    result = register(moving, fixed, _IdentityUniCARL((48, 48, 48)), device="cpu")
+    displacement = sitk.GetArrayViewFromImage(result.transform.GetDisplacementField())
+    assert displacement.shape[:3] == sitk.GetArrayViewFromImage(fixed).shape
+    assert np.allclose(displacement, [0.0, 0.0, 20.0], atol=1e-4)  # the unit-frame map is float32

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "CARLRegistration"), str(REPO / "Testing")]
 
 from carlreg import build_carl  # noqa: E402
-from reference_oracle import build_reference, load_reference  # noqa: E402
-from test_reference_oracle import SHAPES, input_batch, randomise_zero_initialised  # noqa: E402
+from reference_oracle import build_reference, load_reference, randomise_zero_initialised  # noqa: E402
+from test_reference_oracle import SHAPES, input_batch  # noqa: E402
 
 
 def main() -> None:

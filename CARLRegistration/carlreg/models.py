@@ -9,8 +9,12 @@ A shipped model is ``weights/<name>.pt`` (a state_dict) beside its model card
                       "input_spacing_mm": 3.0},   # optional: None resizes whole arrays
      "modality": "mr", ...}
 
+A card whose architecture's ``family`` is ``"unicarl"`` describes the authors' uniCARL
+(:mod:`carlreg.network.unicarl`; its weights are downloaded on first use).
+
 ``load_model`` also takes the path of such a state_dict (its card beside it), of a training
-checkpoint written by ``carl-train`` (which carries its configuration), or any
+checkpoint written by ``carl-train`` (which carries its configuration), of the authors' uniCARL
+file (recognised by its keys), or any
 ``torch.nn.Module`` with the model interface (see :mod:`carlreg.pipeline`).
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 
 from .device import resolve_device
 from .network import CARLConfig, build_from_config
+from .network.unicarl import CHECKPOINT_PREFIX, build_unicarl, load_unicarl_checkpoint
 from .progress import CancelCheck, ProgressCallback
 from .registry import WEIGHTS_DIR, available_models, model_card, sha256_of, weights_path
 
@@ -72,6 +77,21 @@ def _with_spacing(model: nn.Module, architecture: Dict) -> nn.Module:
     return model
 
 
+def _unicarl(state: Dict[str, torch.Tensor], input_shape=None) -> nn.Module:
+    """uniCARL (the authors' file, or our own state_dict of it), with its preprocessing mode:
+    its inputs are prepared by :func:`carlreg.preprocess.unicarl_preprocess` and resized whole."""
+    model = build_unicarl(input_shape) if input_shape else build_unicarl()
+    load_unicarl_checkpoint(model, state)
+    model.input_spacing_mm = None
+    model.preprocessing = "unicarl"
+    return model
+
+
+def _is_unicarl_file(state) -> bool:
+    """The authors' uniCARL file: a state_dict whose keys carry the training wrapper's prefix."""
+    return isinstance(state, dict) and bool(state) and all(str(k).startswith(CHECKPOINT_PREFIX) for k in state)
+
+
 def _load_file(path: Path, expected_sha256: str = "") -> Dict:
     if expected_sha256 and sha256_of(path) != expected_sha256:
         raise ValueError(f"load_model(): checksum mismatch for {path}: the file is damaged or not the shipped one")
@@ -102,11 +122,15 @@ def load_model(
     if not path.exists() and os.sep not in text and not text.endswith((".pt", ".pth")):
         card = model_card(text)
         state = _load_file(weights_path(text, progress, should_cancel))
+        if card["architecture"].get("family") == "unicarl":
+            return _unicarl(state, card["architecture"].get("input_shape")).to(device).eval()
         config = _config_from_architecture(card["architecture"], f"model card {text}")
         return _with_spacing(_build_and_load(config, state, f"model {text}"), card["architecture"]).to(device).eval()
     if not path.is_file():
         raise ValueError(f"load_model(): model file not found: {path}")
     state = _load_file(path)
+    if _is_unicarl_file(state):  # the authors' file, placed by hand
+        return _unicarl(state).to(device).eval()
     if isinstance(state, dict) and "model" in state and "config" in state:  # a carl-train checkpoint
         settings = state["config"]
         architecture = dict(settings, dimension=len(settings["input_shape"]))

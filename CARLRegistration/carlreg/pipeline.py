@@ -33,7 +33,7 @@ from .losses import lncc
 from .metrics import dice_per_label
 from .models import load_model
 from .optimize import instance_optimize
-from .preprocess import normalize_intensities
+from .preprocess import normalize_intensities, unicarl_preprocess
 from .progress import CancelCheck, ProgressCallback, StageReporter
 
 __all__ = ["RegistrationResult", "register", "warp_image"]
@@ -93,6 +93,21 @@ def network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional[
     """The image normalised and on its network grid (see :mod:`carlreg.geometry`)."""
     normalized = normalize_intensities(image_to_tensor(image), modality, what)
     return to_network(normalized, shape, network_ratios(image, shape, spacing_mm))
+
+
+def _prepared(image: sitk.Image, network: nn.Module, modality: str, shape, spacing_mm: Optional[float], what: str):
+    """The image as the network's geometry sees it (oriented; for uniCARL also cropped) and its
+    network input ``(1, 1, *shape)``. Models whose preprocessing is ``"unicarl"`` take their
+    authors' (:func:`carlreg.preprocess.unicarl_preprocess`, whole array resized), the others the
+    modality setting on their own grid (:func:`network_input`)."""
+    if getattr(network, "preprocessing", "") == "unicarl":
+        try:
+            prepared = unicarl_preprocess(image)
+        except ImageError as err:
+            raise ImageError(f"{what}: {err}") from err
+        return prepared, to_network(image_to_tensor(prepared), shape)
+    oriented = canonical_orientation(image)
+    return oriented, network_input(oriented, modality, shape, spacing_mm, what)
 
 
 def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape, spacing_mm: Optional[float]) -> float:
@@ -210,10 +225,11 @@ def register(
             raise ImageError(
                 f"register(): {what} image is {image.GetDimension()}-D, the model registers {len(shape)}-D images"
             )
-    moving_oriented, fixed_oriented = canonical_orientation(moving), canonical_orientation(fixed)
     spacing_mm = getattr(network, "input_spacing_mm", None)
-    moving_tensor = network_input(moving_oriented, modality, shape, spacing_mm, "moving image").to(device)
-    fixed_tensor = network_input(fixed_oriented, modality, shape, spacing_mm, "fixed image").to(device)
+    (moving_oriented, moving_tensor), (fixed_oriented, fixed_tensor) = (
+        _prepared(image, network, modality, shape, spacing_mm, what) for image, what in ((moving, "moving image"), (fixed, "fixed image"))
+    )
+    moving_tensor, fixed_tensor = moving_tensor.to(device), fixed_tensor.to(device)
     reporter.report(1)
 
     if io_steps > 0:

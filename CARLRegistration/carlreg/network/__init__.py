@@ -1,7 +1,8 @@
-"""CARL's networks: Ξ (feature net + coordinate attention), Ψ (U-Net) and ICON's wrappers."""
+"""CARL's networks: Ξ (feature net + coordinate attention), Ψ (U-Net), ICON's wrappers, and uniCARL."""
 from .attention import AttentionRegistration, FeatureNet, coordinate_attention
 from .build import FIRST_STEPS, VARIANTS, CARLConfig, build_carl, build_from_config
 from .unet import UNet
+from .unicarl import build_unicarl, load_unicarl_checkpoint
 from .wrappers import Down, FunctionFromVectorField, RegistrationModule, TwoStep
 
 __all__ = [
@@ -17,5 +18,7 @@ __all__ = [
     "VARIANTS",
     "build_carl",
     "build_from_config",
+    "build_unicarl",
     "coordinate_attention",
+    "load_unicarl_checkpoint",
 ]
