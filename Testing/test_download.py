@@ -121,3 +121,22 @@ def test_an_unreachable_url_gives_one_line_and_exit_code_2(published, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"carl-register: load_model(): cannot download 'remote' from {server.url}")
     assert f"place the file at {cache / 'remote.pt'}" in lines[0]
     assert not (tmp_path / "t.h5").exists() and (not cache.exists() or list(cache.iterdir()) == [])
+
+
+def test_the_worker_reports_the_download_as_a_stage(published, tmp_path):
+    """What the Slicer module sees: the worker process downloads on first use and its progress
+    events carry the stage ``download`` before the registration's own."""
+    import SimpleITK as sitk
+
+    from carlreg.worker import WorkerJob
+
+    _, server, shipped, cache = published
+    image = tmp_path / "image.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(torch.rand(40, 40, 40).numpy()), str(image))
+    environment = dict(os.environ, CARLREG_WEIGHTS=str(shipped), CARLREG_CACHE=str(cache))
+    job = WorkerJob(["--moving", image, "--fixed", image, "--model", "remote", "--device", "cpu",
+                     "--out-transform", tmp_path / "t.h5"], env=environment).start()
+    assert job.wait(timeout=300) == 0, job.error
+    stages = [event["stage"] for event in job.poll()]
+    assert stages[0] == "download" and stages.index("registration") > stages.index("download")
+    assert server.requests == 1 and (cache / "remote.pt").is_file()
