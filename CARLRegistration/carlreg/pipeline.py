@@ -164,6 +164,29 @@ def _inverse_transform(
     return sitk.DisplacementFieldTransform(field), figures
 
 
+def _warped_labels_and_dice(moving_labels, fixed_labels, fixed: sitk.Image, transform: sitk.Transform):
+    """The moving label map on the fixed grid (nearest neighbour), and with a fixed label map the
+    mean Dice over labels before and after (``dice_before``, ``dice_after``)."""
+    moving_labels = _as_image(moving_labels, "moving label map")
+    warped = warp_image(moving_labels, fixed, transform, labels=True)
+    if fixed_labels is None:
+        return warped, {}
+    fixed_array = _label_tensor(_as_image(fixed_labels, "fixed label map"))
+    before = warp_image(moving_labels, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity), labels=True)
+    dice = {}
+    for key, labels_image in (("dice_before", before), ("dice_after", warped)):
+        scores = dice_per_label(_label_tensor(labels_image), fixed_array)
+        dice[key] = sum(scores.values()) / len(scores) if scores else float("nan")
+    return warped, dice
+
+
+def _check_options(inverse_method: str, field_extent: str) -> None:
+    if inverse_method not in INVERSE_METHODS:
+        raise ValueError(f"register(): inverse_method must be 'exact' or 'network', got {inverse_method!r}")
+    if field_extent not in FIELD_EXTENTS:
+        raise ValueError(f"register(): field_extent must be 'fixed' or 'both', got {field_extent!r}")
+
+
 def register(
     moving: Union[sitk.Image, PathLike],
     fixed: Union[sitk.Image, PathLike],
@@ -211,10 +234,7 @@ def register(
             (``landmarks_coordinate_system``, RAS or LPS, for CSV).
     """
     started = time.perf_counter()
-    if inverse_method not in INVERSE_METHODS:
-        raise ValueError(f"register(): inverse_method must be 'exact' or 'network', got {inverse_method!r}")
-    if field_extent not in FIELD_EXTENTS:
-        raise ValueError(f"register(): field_extent must be 'fixed' or 'both', got {field_extent!r}")
+    _check_options(inverse_method, field_extent)
     device = resolve_device(device)
     reporter = StageReporter("loading", 1, progress, should_cancel)
     moving, fixed = _as_image(moving, "moving image"), _as_image(fixed, "fixed image")
@@ -275,14 +295,8 @@ def register(
     }
     warped_labels = None
     if moving_labels is not None:
-        moving_labels = _as_image(moving_labels, "moving label map")
-        warped_labels = warp_image(moving_labels, fixed, transform, labels=True)
-        if fixed_labels is not None:
-            fixed_labels_array = _label_tensor(_as_image(fixed_labels, "fixed label map"))
-            before = warp_image(moving_labels, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity), labels=True)
-            for key, labels_image in (("dice_before", before), ("dice_after", warped_labels)):
-                scores = dice_per_label(_label_tensor(labels_image), fixed_labels_array)
-                metrics[key] = sum(scores.values()) / len(scores) if scores else float("nan")
+        warped_labels, dice = _warped_labels_and_dice(moving_labels, fixed_labels, fixed, transform)
+        metrics.update(dice)
     if fixed_landmarks is not None and moving_landmarks is not None:
         metrics.update(
             target_registration_error(
