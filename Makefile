@@ -29,7 +29,7 @@ demo: $(VENV)/.demo-installed
 	$(PY) -m carlreg demo --out demo-output
 
 test: $(VENV)/.installed
-	$(PY) -m pytest Testing
+	$(PY) -m pytest Testing --durations=15
 
 # Benchmarks (not part of CI): results land in bench/results/.
 bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl
