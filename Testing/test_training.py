@@ -58,6 +58,12 @@ def test_resumed_run_continues_exactly(tmp_path):
     with open(interrupted / "log.jsonl", "a") as log:
         log.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     train(_config(folder, interrupted))
+    # a burst limited by wall time (here spent at once: one step), then the rest on resume
+    burst = tmp_path / "burst"
+    train(_config(folder, burst), max_seconds_this_run=0.0)
+    assert load_checkpoint(burst / "checkpoint.pt")["step"] == 1 and len(_losses(burst)) == 1
+    train(_config(folder, burst))
+    assert _losses(burst) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-7)
     # exact resume: the same data, weights and optimizer state, so the same steps; compared to a
     # tolerance far below one step's change (the threaded convolutions may round differently from
     # one run to the next), not bit for bit
@@ -114,3 +120,19 @@ def test_training_on_the_users_own_pairs(tmp_path):
     moving, fixed, moving_labels, fixed_labels = source.pairs[0]
     assert moving.shape == (1, 1) + SHAPE and float(moving.max()) == 1.0
     assert int((moving_labels > 0).sum()) > 0 and int((fixed_labels > 0).sum()) > 0
+
+
+def test_a_burst_from_the_command_line_stops_on_time_and_leaves_a_checkpoint(tmp_path):
+    """``carl-train --max-minutes``: a GPU burst's entry point (here on the CPU, a budget of zero)."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    folder = shared_data_path("synthseg_label_maps")
+    settings = asdict(_config(folder, tmp_path / "run"))
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    completed = subprocess.run(
+        [sys.executable, "-m", "carlreg", "train", "--config", tmp_path / "config.json", "--device", "cpu",
+         "--max-minutes", "0", "--progress", "none"], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1 and len(_losses(tmp_path / "run")) == 1

@@ -170,11 +170,14 @@ def train(
     progress: Optional[ProgressCallback] = None,
     should_cancel: Optional[CancelCheck] = None,
     max_steps_this_run: Optional[int] = None,
+    max_seconds_this_run: Optional[float] = None,
 ) -> torch.nn.Module:
     """Train (or resume from ``output/checkpoint.pt``) up to ``config.steps`` steps.
 
-    ``max_steps_this_run`` stops early after that many steps (the checkpoint is then
-    written), for runs that are interrupted by design. Returns the model.
+    ``max_steps_this_run`` stops early after that many steps, ``max_seconds_this_run`` after the
+    step during which that much wall time has passed (a burst on a lent GPU); the checkpoint is
+    then written, in the same format on any device, so that the run resumes anywhere. Returns the
+    model.
     """
     rank, world = _rank_and_world()
     output = Path(config.output)
@@ -203,6 +206,7 @@ def train(
         loss_model = DistributedDataParallel(loss_model)
     end = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
     reporter = StageReporter("training", end - start, progress, should_cancel)
+    deadline = None if max_seconds_this_run is None else time.monotonic() + max_seconds_this_run
     model.train()
     log = open(output / "log.jsonl", "a") if rank == 0 else None
     try:
@@ -217,6 +221,7 @@ def train(
             terms.total.backward()
             optimizer.step()
             done = step + 1
+            stopping = done == end or _time_is_up(deadline, world, device)
             if log is not None:
                 record = {
                     "step": done,
@@ -226,7 +231,7 @@ def train(
                     "regularity": float(terms.regularity.detach()),
                     "seconds": time.perf_counter() - began,
                 }
-                if done % config.checkpoint_every == 0 or done == end:
+                if done % config.checkpoint_every == 0 or stopping:
                     _save(model, optimizer, done, config, output)
                     log.flush()
                     plot_log(output / "log.jsonl", output / "loss.png")
@@ -236,6 +241,8 @@ def train(
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             reporter.report(done - start, f"{phase} loss {float(terms.total.detach()):.4f}")
+            if stopping:
+                break
     finally:
         if log is not None:
             log.close()
@@ -244,6 +251,17 @@ def train(
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     return model
+
+
+def _time_is_up(deadline: Optional[float], world: int, device: torch.device) -> bool:
+    """Whether the run's wall-time budget is spent. Rank 0's clock decides for every rank: ranks
+    must stop after the same step (a rank alone in the next all-reduce would wait for ever)."""
+    if deadline is None:
+        return False
+    flag = torch.tensor([float(time.monotonic() >= deadline)], device=device)
+    if world > 1:
+        dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def plot_log(log_path: Path, png_path: Path) -> bool:

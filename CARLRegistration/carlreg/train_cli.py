@@ -36,6 +36,9 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in this run (a checkpoint is written)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="stop after the step during which this much wall time has passed (a checkpoint is written; "
+                             "for a burst on a GPU: the run resumes on any device)")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -55,6 +58,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         device = args.device
         if local_rank is not None and device in ("auto", "cuda") and _torch_cuda_available():
             device = f"cuda:{local_rank}"
-        train(config, resolve_device(device), progress_printer(args.progress), max_steps_this_run=args.max_steps)
+        train(config, resolve_device(device), progress_printer(args.progress), max_steps_this_run=args.max_steps,
+              max_seconds_this_run=None if args.max_minutes is None else 60.0 * args.max_minutes)
 
     return run_command("carl-train", body)
