@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # The reference CARL implementation, used only as a test oracle (installed without its dependencies).
 REFERENCE ?= icon_registration==1.1.9
 
-.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl clean
+.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest Testing --durations=15
 
 # Benchmarks (not part of CI): results land in bench/results/.
-bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl
+bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
@@ -59,6 +59,9 @@ bench-known-warp: $(VENV)/.bench-installed
 
 bench-unicarl: $(VENV)/.installed
 	$(PY) bench/unicarl.py
+
+bench-inverse: $(VENV)/.installed
+	$(PY) bench/inverse.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

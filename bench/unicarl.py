@@ -166,7 +166,7 @@ def _differences(maps_path: str, against_path: str, size: int) -> dict:
     return result
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
             if line.startswith("Model name:"):
@@ -225,7 +225,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = (
-        f"# bench/unicarl.py, {datetime.date.today()}, CPU {_cpu_model()} ({os.cpu_count()} cores), "
+        f"# bench/unicarl.py, {datetime.date.today()}, CPU {cpu_model()} ({os.cpu_count()} cores), "
         f"torch {torch.__version__}, {THREADS} threads, uniCARL at {args.size}³, batch 1, one direction timed "
         f"(median of {args.repeats} after a warm-up), peak = VmHWM during the passes"
     )
