@@ -243,8 +243,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         row = rows.get(name)
         if row is None:
             return "A weights file of your own, chosen below." if name == CUSTOM_MODEL else ""
-        weights = row["weights"].replace("download, ", "downloaded once on first use, ")
-        return f"{row['title']}. {row['modality']}; input {row['input']}; weights {weights}."
+        return f"{row['title']}. {row['modality']}; input {row['input']}; weights {row['weights']}."
 
     def availableDevices(self) -> List[str]:
         """auto, then a GPU when one is present, then cpu.

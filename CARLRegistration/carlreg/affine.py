@@ -25,16 +25,24 @@ def _points_lps(grid: sitk.Image) -> np.ndarray:
     return index_xyz @ _index_to_lps_matrix(grid).T + np.array(grid.GetOrigin())
 
 
-def affine_part(field: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
-    """``(M, t)``, ``D × D`` and ``D``: the least-squares affine map of ``x ↦ x + u(x)`` over the
-    field's grid points (LPS mm, fixed → moving)."""
+def _mapped_points(field: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``x + u(x)`` at the field's grid points, ``(N, D)`` each, LPS mm."""
     points = _points_lps(field)
-    mapped = points + sitk.GetArrayViewFromImage(field).reshape(-1, field.GetDimension())
+    return points, points + sitk.GetArrayViewFromImage(field).reshape(-1, field.GetDimension())
+
+
+def _fit(points: np.ndarray, mapped: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     centre = points.mean(axis=0)  # centring keeps the normal equations well conditioned
     design = np.c_[points - centre, np.ones(len(points))]
     solution, *_ = np.linalg.lstsq(design, mapped, rcond=None)
     matrix = solution[:-1].T
     return matrix, solution[-1] - matrix @ centre
+
+
+def affine_part(field: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
+    """``(M, t)``, ``D × D`` and ``D``: the least-squares affine map of ``x ↦ x + u(x)`` over the
+    field's grid points (LPS mm, fixed → moving)."""
+    return _fit(*_mapped_points(field))
 
 
 def decompose(field: sitk.Image) -> sitk.CompositeTransform:
@@ -46,9 +54,8 @@ def decompose(field: sitk.Image) -> sitk.CompositeTransform:
     Returns:
         the composite transform; it maps every grid point where ``field`` does.
     """
-    matrix, translation = affine_part(field)
-    points = _points_lps(field)
-    mapped = points + sitk.GetArrayViewFromImage(field).reshape(-1, field.GetDimension())
+    points, mapped = _mapped_points(field)
+    matrix, translation = _fit(points, mapped)
     residual = (mapped - points @ matrix.T - translation) @ np.linalg.inv(matrix).T
     residual_image = sitk.GetImageFromArray(residual.reshape(sitk.GetArrayViewFromImage(field).shape), isVector=True)
     residual_image.CopyInformation(field)

@@ -100,7 +100,7 @@ def describe_models() -> List[Dict[str, str]]:
             weights = f"shipped, {local.stat().st_size / 2**20:.0f} MiB"
         else:
             size = card.get("size_bytes")
-            weights = "download" + (f", {size / 2**20:.0f} MiB" if size else "")
+            weights = "downloaded once on first use" + (f", {size / 2**20:.0f} MiB" if size else "")
         rows.append({
             "name": name,
             "dimension": f"{architecture['dimension']}-D",
@@ -134,27 +134,45 @@ def weights_path(name: str, progress: Optional[ProgressCallback] = None, should_
     if not card.get("url"):
         raise ValueError(f"load_model(): the weights of {name!r} are missing and its card gives no url")
     target = CACHE_DIR / card["file"]
-    record = target.with_name(target.name + ".sha256")
-    if not target.is_file():
-        try:
-            digest = download_file(card["url"], target, card.get("size_bytes"), progress, should_cancel)
-        except DownloadError as err:
-            raise ValueError(
-                f"load_model(): cannot download {name!r} from {card['url']} ({err}); on a machine without "
-                f"that access, place the file at {target} (or set CARLREG_CACHE to its folder)"
-            ) from err
-        if card.get("sha256") and digest != card["sha256"]:
-            target.unlink()
-            raise ValueError(f"load_model(): the download of {name!r} does not match its SHA256; nothing was kept")
-        if not card.get("sha256"):
-            record.write_text(digest + "\n")
+    if target.is_file():
+        _verify_cached(name, card, target)
+    else:
+        _download(name, card, target, progress, should_cancel)
+    return target
+
+
+def _record_of(target: Path) -> Path:
+    """Where the SHA256 of a downloaded file is recorded when its card gives none."""
+    return target.with_name(target.name + ".sha256")
+
+
+def _download(name: str, card: Dict, target: Path, progress: Optional[ProgressCallback], should_cancel: Optional[CancelCheck]) -> None:
+    """Download a model's weights into ``target``: checked against the card's SHA256, or its SHA256
+    recorded (the digest of the transfer itself: the file is not read again)."""
+    try:
+        digest = download_file(card["url"], target, card.get("size_bytes"), progress, should_cancel)
+    except DownloadError as err:
+        raise ValueError(
+            f"load_model(): cannot download {name!r} from {card['url']} ({err}); on a machine without "
+            f"that access, place the file at {target} (or set CARLREG_CACHE to its folder)"
+        ) from err
+    if card.get("sha256") and digest != card["sha256"]:
+        target.unlink()
+        raise ValueError(f"load_model(): the download of {name!r} does not match its SHA256; nothing was kept")
+    if not card.get("sha256"):
+        _record_of(target).write_text(digest + "\n")
+
+
+def _verify_cached(name: str, card: Dict, target: Path) -> None:
+    """A cached weights file checked against the card's SHA256 or the recorded one; a file placed
+    by hand, with nothing recorded yet, has its SHA256 recorded now and checked from then on."""
+    record = _record_of(target)
     expected = card.get("sha256") or (record.read_text().strip() if record.is_file() else "")
     actual = sha256_of(target)
-    if not expected:  # placed by hand: its checksum is recorded now and checked from then on
+    if not expected:
         record.write_text(actual + "\n")
     elif actual != expected:
         raise ValueError(
             f"load_model(): {target} is not the file first downloaded for {name!r} (SHA256 {actual[:12]}…, "
             f"recorded {expected[:12]}…): delete it to download it again"
         )
-    return target
