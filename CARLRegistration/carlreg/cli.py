@@ -106,7 +106,16 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="shipped model name or weights file (default: carl-brain-3d for 3-D images)")
     parser.add_argument("--list-models", action="store_true", help="list the shipped models and exit")
     parser.add_argument("--modality", choices=["auto", "ct", "mr", "max"], default="auto")
-    parser.add_argument("--io-steps", type=int, default=0, help="instance-optimization steps (default 0)")
+    parser.add_argument(
+        "--io-mode", choices=["none", "svf", "network"], default="none",
+        help="instance optimization: none (default); svf: the network's map refined at the images' resolution by a "
+             "stationary velocity field (any model); network: the paper's, the network's weights tuned on the pair",
+    )
+    parser.add_argument("--io-steps", type=int, default=50, help="--io-mode network: tuning steps (default 50)")
+    parser.add_argument("--refine-spacing", type=float,
+                        help="--io-mode svf: the finest level's grid spacing in mm (default 2)")
+    parser.add_argument("--refine-regularization", type=float,
+                        help="--io-mode svf: weight of the velocity's smoothness (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--field-spacing", type=float, help="transform grid spacing in mm (default: the fixed image's)")
@@ -116,6 +125,14 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", help="write a report PNG (needs matplotlib)")
     parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar" if sys.stderr.isatty() else "none")
     return parser
+
+
+def _refine_settings(args: argparse.Namespace):
+    """The refinement's settings: the defaults, with what the command line gave."""
+    from .refine import RefineSettings
+
+    given = {"spacing_mm": args.refine_spacing, "regularization": args.refine_regularization}
+    return RefineSettings(**{name: value for name, value in given.items() if value is not None})
 
 
 def register_main(argv: Optional[List[str]] = None) -> int:
@@ -155,7 +172,8 @@ def register_main(argv: Optional[List[str]] = None) -> int:
             print(f"carl-register: no --model given: using {model}, the default for "
                   f"{fixed.GetDimension()}-D images (--list-models shows the others)", file=sys.stderr)
         result = register(
-            moving, fixed, model, modality=args.modality, io_steps=args.io_steps,
+            moving, fixed, model, modality=args.modality, io_mode=args.io_mode, io_steps=args.io_steps,
+            refine_settings=_refine_settings(args),
             device=args.device, inverse=bool(args.out_inverse), inverse_method=args.inverse_method,
             progress=progress_printer(args.progress),
             field_spacing_mm=args.field_spacing, field_extent=args.field_extent, precision=args.precision,

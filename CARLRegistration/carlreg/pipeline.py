@@ -35,6 +35,7 @@ from .models import load_model
 from .optimize import instance_optimize
 from .preprocess import normalize_intensities, unicarl_preprocess
 from .progress import CancelCheck, ProgressCallback, StageReporter
+from .refine import Refinement, RefineSettings, compose, refine
 
 __all__ = ["RegistrationResult", "register", "warp_image"]
 
@@ -126,6 +127,9 @@ def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape, spaci
 
 #: the values of register()'s ``inverse_method`` and ``field_extent``
 INVERSE_METHODS = ("exact", "network")
+#: the values of register()'s ``io_mode``: none, the refinement of the map by a velocity field
+#: (:mod:`carlreg.refine`), the paper's tuning of the network's weights (:mod:`carlreg.optimize`)
+IO_MODES = ("none", "svf", "network")
 FIELD_EXTENTS = ("fixed", "both")
 
 
@@ -139,29 +143,30 @@ def _field_grid(fixed: sitk.Image, moving: sitk.Image, spacing_mm: Optional[floa
     return covering_grid(grid, moving)
 
 
-def _inverse_transform(
-    forward: sitk.DisplacementFieldTransform,
+def _inverse_field(
+    network_forward: sitk.Image,
     reverse_field: sitk.Image,
-    fixed: sitk.Image,
+    refinement: Optional[Refinement],
     method: str,
     progress: Optional[ProgressCallback],
     should_cancel: Optional[CancelCheck],
-) -> Tuple[sitk.DisplacementFieldTransform, Dict[str, Union[float, int]]]:
-    """The moving → fixed transform :func:`register` returns, and its round-trip figures.
+) -> sitk.Image:
+    """The moving → fixed field :func:`register` returns, on the moving grid (LPS mm).
 
-    ``forward``: fixed → moving on the fixed grid; ``reverse_field``: the network's moving → fixed
-    field on the moving grid (LPS mm). ``method`` ``"exact"`` refines it into the numerical
-    inverse of ``forward``, ``"network"`` keeps it as is.
+    ``network_forward``: the network's fixed → moving field; ``reverse_field``: its reverse pass
+    (moving grid). ``method`` ``"exact"`` refines the reverse pass into the numerical inverse of
+    ``network_forward``, ``"network"`` keeps it. A refinement ``exp(v)`` is undone by ``exp(−v)``
+    after it: ``(φ ∘ exp(v))⁻¹ = exp(−v) ∘ φ⁻¹``.
     """
     reporter = StageReporter("inverse", 2, progress, should_cancel)
-    forward_field = forward.GetDisplacementField()  # a copy: the transform owns its field
     field = reverse_field
     if method == "exact":
-        field = invert_displacement_field(forward_field, reverse_field, should_cancel=should_cancel)
+        field = invert_displacement_field(network_forward, reverse_field, should_cancel=should_cancel)
     reporter.report(1, method)
-    figures = round_trip_error(forward_field, field, fixed)
+    if refinement is not None:
+        field = compose(refinement.displacement_field(inverse=True), field)
     reporter.report(2)
-    return sitk.DisplacementFieldTransform(field), figures
+    return field
 
 
 def _warped_labels_and_dice(moving_labels, fixed_labels, fixed: sitk.Image, transform: sitk.Transform):
@@ -180,11 +185,50 @@ def _warped_labels_and_dice(moving_labels, fixed_labels, fixed: sitk.Image, tran
     return warped, dice
 
 
-def _check_options(inverse_method: str, field_extent: str) -> None:
+def _check_options(inverse_method: str, field_extent: str, io_mode: str) -> None:
+    if io_mode not in IO_MODES:
+        raise ValueError(f"register(): io_mode must be 'none', 'svf' or 'network', got {io_mode!r}")
     if inverse_method not in INVERSE_METHODS:
         raise ValueError(f"register(): inverse_method must be 'exact' or 'network', got {inverse_method!r}")
     if field_extent not in FIELD_EXTENTS:
         raise ValueError(f"register(): field_extent must be 'fixed' or 'both', got {field_extent!r}")
+
+
+def _network_maps(network, moving_tensor, fixed_tensor, io_mode, io_steps, inverse, precision, progress, should_cancel):
+    """The network's maps of the pair, from the network tuned on it for ``io_mode`` ``"network"``."""
+    if io_mode == "network":
+        return instance_optimize(
+            network, moving_tensor, fixed_tensor, steps=io_steps, inverse=inverse, progress=progress, should_cancel=should_cancel,
+        )
+    reporter = StageReporter("registration", 1, progress, should_cancel)
+    maps = predict_maps(network, moving_tensor, fixed_tensor, inverse=inverse, precision=precision)
+    reporter.report(1)
+    return maps
+
+
+def _metrics(moving, fixed, warped, jacobian, fixed_part, modality, shape, spacing_mm) -> Dict[str, float]:
+    """LNCC before and after on the fixed network grid, and folding over the fixed extent."""
+    identity = warp_image(moving, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
+    determinant = sitk.GetArrayViewFromImage(jacobian)
+    determinant = determinant if fixed_part is None else determinant[fixed_part]
+    return {
+        "lncc_before": _mean_lncc(identity, fixed, modality, shape, spacing_mm),
+        "lncc_after": _mean_lncc(warped, fixed, modality, shape, spacing_mm),
+        "folding_percent": float((determinant <= 0).mean() * 100.0),
+    }
+
+
+def _evaluations(metrics, moving_labels, fixed_labels, fixed, transform, fixed_landmarks, moving_landmarks, coordinate_system):
+    """Dice and the TRE into ``metrics`` when labels or landmarks were given; the warped label map."""
+    warped_labels = None
+    if moving_labels is not None:
+        warped_labels, dice = _warped_labels_and_dice(moving_labels, fixed_labels, fixed, transform)
+        metrics.update(dice)
+    if fixed_landmarks is not None and moving_landmarks is not None:
+        metrics.update(target_registration_error(
+            transform, read_landmarks(fixed_landmarks, coordinate_system), read_landmarks(moving_landmarks, coordinate_system),
+        ))
+    return warped_labels
 
 
 def register(
@@ -192,7 +236,9 @@ def register(
     fixed: Union[sitk.Image, PathLike],
     model: Union[str, PathLike, nn.Module],
     modality: str = "auto",
-    io_steps: int = 0,
+    io_mode: str = "none",
+    io_steps: int = 50,
+    refine_settings: RefineSettings = RefineSettings(),
     device: Union[str, torch.device] = "auto",
     inverse: bool = False,
     progress: Optional[ProgressCallback] = None,
@@ -218,10 +264,14 @@ def register(
         moving, fixed: images or paths (anything SimpleITK reads, or a DICOM folder).
         model: a shipped model's name, a weights file, or a module with the model interface.
         modality: ``auto``, ``ct``, ``mr`` or ``max`` (see :mod:`carlreg.preprocess`).
-        io_steps: instance-optimization steps (0: none).
+        io_mode: instance optimization: ``none``; ``svf``, the network's map refined at the
+            images' resolution by a stationary velocity field (:mod:`carlreg.refine`, with
+            ``refine_settings``; any model); ``network``, the paper's: the network's weights
+            tuned on the pair for ``io_steps`` steps (CARL networks).
         inverse: also compute the moving → fixed transform.
-        inverse_method: ``exact`` (the numerical inverse of the forward field, started from the
-            network's reverse pass) or ``network`` (the reverse pass as is).
+        inverse_method: ``exact`` (the numerical inverse of the network's forward field, started
+            from its reverse pass) or ``network`` (the reverse pass as is); a refinement is
+            inverted exactly after either.
         field_spacing_mm: spacing of the transform's grid (default: the fixed image's own).
         field_extent: ``fixed``: the transform's grid covers the fixed image (beyond it ITK
             applies no displacement, Slicer's grid transform the border's); ``both``: the grid,
@@ -234,7 +284,8 @@ def register(
             (``landmarks_coordinate_system``, RAS or LPS, for CSV).
     """
     started = time.perf_counter()
-    _check_options(inverse_method, field_extent)
+    _check_options(inverse_method, field_extent, io_mode)
+    refine_settings.check()
     device = resolve_device(device)
     reporter = StageReporter("loading", 1, progress, should_cancel)
     moving, fixed = _as_image(moving, "moving image"), _as_image(fixed, "fixed image")
@@ -249,62 +300,38 @@ def register(
     (moving_oriented, moving_tensor), (fixed_oriented, fixed_tensor) = (
         _prepared(image, network, modality, shape, spacing_mm, what) for image, what in ((moving, "moving image"), (fixed, "fixed image"))
     )
-    moving_tensor, fixed_tensor = moving_tensor.to(device), fixed_tensor.to(device)
     reporter.report(1)
+    maps = _network_maps(network, moving_tensor.to(device), fixed_tensor.to(device), io_mode, io_steps, inverse,
+                         precision, progress, should_cancel)
 
-    if io_steps > 0:
-        maps = instance_optimize(
-            network, moving_tensor, fixed_tensor, steps=io_steps, inverse=inverse,
-            progress=progress, should_cancel=should_cancel,
-        )
-    else:
-        reporter = StageReporter("registration", 1, progress, should_cancel)
-        maps = predict_maps(network, moving_tensor, fixed_tensor, inverse=inverse, precision=precision)
-        reporter.report(1)
-
-    reporter = StageReporter("transform", 3 if inverse else 2, progress, should_cancel)
+    reporter = StageReporter("transform", 1, progress, should_cancel)
     grid, fixed_part = _field_grid(fixed, moving, field_spacing_mm, field_extent)
-    field_image = map_to_displacement_field(maps.fixed_to_moving, fixed_oriented, moving_oriented, grid, spacing_mm)
-    jacobian = jacobian_determinant(field_image)
-    transform = sitk.DisplacementFieldTransform(field_image)
+    network_field = map_to_displacement_field(maps.fixed_to_moving, fixed_oriented, moving_oriented, grid, spacing_mm)
     reporter.report(1)
-    reverse_field = None
+    refinement, metrics = None, {}
+    field_image = network_field
+    if io_mode == "svf":
+        network_transform = sitk.DisplacementFieldTransform(sitk.Image(network_field))
+        refinement = refine(fixed, moving, network_transform, grid, refine_settings, device, progress, should_cancel)
+        field_image = compose(network_field, refinement.displacement_field(grid=grid))
+        metrics["refine_seconds"] = refinement.seconds
+    jacobian = jacobian_determinant(field_image)
+    transform = sitk.DisplacementFieldTransform(sitk.Image(field_image))
+    warped = warp_image(moving, fixed, transform)
+    inverse_transform = None
     if inverse:
         reverse_field = map_to_displacement_field(
             maps.moving_to_fixed, moving_oriented, fixed_oriented, output_grid(moving), spacing_mm
         )
-        reporter.report(2)
-    warped = warp_image(moving, fixed, transform)
-    reporter.report(3 if inverse else 2)
-    inverse_transform, round_trip = None, {}
-    if inverse:
-        inverse_transform, round_trip = _inverse_transform(
-            transform, reverse_field, fixed, inverse_method, progress, should_cancel
-        )
+        inverse_field = _inverse_field(network_field, reverse_field, refinement, inverse_method, progress, should_cancel)
+        metrics.update(round_trip_error(field_image, inverse_field, fixed))
+        inverse_transform = sitk.DisplacementFieldTransform(inverse_field)
 
     reporter = StageReporter("metrics", 1, progress, should_cancel)
-    identity = warp_image(moving, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
-    determinant = sitk.GetArrayViewFromImage(jacobian)
-    determinant = determinant if fixed_part is None else determinant[fixed_part]
-    metrics: Dict[str, Union[float, str]] = {
-        "lncc_before": _mean_lncc(identity, fixed, modality, shape, spacing_mm),
-        "lncc_after": _mean_lncc(warped, fixed, modality, shape, spacing_mm),
-        "folding_percent": float((determinant <= 0).mean() * 100.0),
-        "device": str(device),
-        **round_trip,
-    }
-    warped_labels = None
-    if moving_labels is not None:
-        warped_labels, dice = _warped_labels_and_dice(moving_labels, fixed_labels, fixed, transform)
-        metrics.update(dice)
-    if fixed_landmarks is not None and moving_landmarks is not None:
-        metrics.update(
-            target_registration_error(
-                transform,
-                read_landmarks(fixed_landmarks, landmarks_coordinate_system),
-                read_landmarks(moving_landmarks, landmarks_coordinate_system),
-            )
-        )
+    metrics.update(_metrics(moving, fixed, warped, jacobian, fixed_part, modality, shape, spacing_mm))
+    metrics["device"] = str(device)
+    warped_labels = _evaluations(metrics, moving_labels, fixed_labels, fixed, transform, fixed_landmarks,
+                                 moving_landmarks, landmarks_coordinate_system)
     metrics["seconds"] = time.perf_counter() - started
     reporter.report(1)
     return RegistrationResult(

@@ -1,0 +1,278 @@
+"""Fine registration at the image's own resolution, on top of any fixed → moving map.
+
+The map to refine, ``φ`` (the network's, uniCARL's, a user's transform), maps fixed points to
+moving points. The refinement is a stationary velocity field ``v`` on a grid over the fixed
+region (LPS geometry of that region, spacing ``spacing_mm``); the refined map is
+``Φ = φ ∘ exp(v)``: ``x ↦ φ(x + u(x))`` with ``u = exp(v)``, so that its inverse is
+``exp(−v) ∘ φ⁻¹``.
+
+``v`` is found coarse to fine (each coarser level doubles the spacing; ``v`` is carried up by
+linear interpolation) by Adam on ``1 − mean LNCC(fixed, moving ∘ φ ∘ exp(v)) + λ · smoothness(v)``
+(:mod:`carlreg.svf`; LNCC with a Gaussian window of ``sigma_mm``). At each level both images are
+smoothed (σ = half the level's spacing) and resampled onto its grid, the moving one through ``φ``
+once, so that an iteration interpolates only on the grid.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .losses import lncc
+from .progress import CancelCheck, ProgressCallback, StageReporter
+from .svf import GridSampler, smoothness
+
+__all__ = ["RefineSettings", "Refinement", "refine", "compose"]
+
+STAGE = "refinement"
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """How :func:`refine` works.
+
+    - ``spacing_mm``: the finest level's grid spacing, where the similarity is computed.
+    - ``velocity_coarsening``: the velocity's grid is this many times coarser than the level's
+      (its exponential, the costly part of an iteration, then costs ``coarsening³`` times less;
+      the displacement is interpolated linearly onto the level's grid).
+    - ``levels``: levels of the pyramid (spacing × 2 each level up).
+    - ``iterations``: Adam steps per level, coarsest first (one number: the same on every level).
+    - ``sigma_mm``: σ of LNCC's Gaussian window.
+    - ``regularization``: λ, the weight of the smoothness of ``v``.
+    - ``step_voxels``: Adam's learning rate in voxels of each level.
+    - ``squarings``: scaling-and-squaring steps of ``exp``.
+    """
+
+    spacing_mm: float = 2.0
+    velocity_coarsening: int = 2
+    levels: int = 3
+    iterations: Tuple[int, ...] = (40, 30, 20)
+    sigma_mm: float = 3.0
+    regularization: float = 1.0
+    step_voxels: float = 0.25
+    squarings: int = 6
+
+    def per_level(self) -> List[int]:
+        """The iterations of each level, coarsest first."""
+        counts = list(self.iterations) if len(self.iterations) > 1 else list(self.iterations) * self.levels
+        if len(counts) != self.levels or any(n < 0 for n in counts):
+            raise ValueError(
+                f"RefineSettings: expected one iteration count per level ({self.levels}) or one for all, got {self.iterations}"
+            )
+        return counts
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        if not self.spacing_mm > 0 or self.levels < 1 or not self.sigma_mm > 0:
+            raise ValueError(
+                f"RefineSettings: spacing_mm and sigma_mm must be positive and levels ≥ 1, got "
+                f"{self.spacing_mm}, {self.sigma_mm}, {self.levels}"
+            )
+        if self.velocity_coarsening < 1:
+            raise ValueError(f"RefineSettings: velocity_coarsening must be ≥ 1, got {self.velocity_coarsening}")
+        if self.regularization < 0 or not self.step_voxels > 0 or self.squarings < 0:
+            raise ValueError(
+                f"RefineSettings: regularization ≥ 0, step_voxels > 0 and squarings ≥ 0 expected, got "
+                f"{self.regularization}, {self.step_voxels}, {self.squarings}"
+            )
+        self.per_level()
+
+
+@dataclass
+class Refinement:
+    """The result of :func:`refine`: ``velocity`` ``(1, D, *S)`` (mm, tensor axis order, CPU) on
+    ``grid`` (an image giving the finest level's LPS geometry), and the seconds it took."""
+
+    grid: sitk.Image
+    velocity: torch.Tensor
+    squarings: int
+    seconds: float
+
+    def displacement_field(self, inverse: bool = False, grid: Optional[sitk.Image] = None) -> sitk.Image:
+        """``exp(v)`` (or ``exp(−v)`` with ``inverse``): an LPS mm displacement field on the
+        velocity's grid, or resampled (linearly; border values beyond) onto ``grid``."""
+        sampler = GridSampler(self.velocity.shape[2:], _extent_mm(self.grid), self.velocity.device)
+        with torch.no_grad():
+            displacement = sampler.exponential(-self.velocity if inverse else self.velocity, self.squarings)
+        field = _to_field_image(displacement, self.grid)
+        if grid is None:
+            return field
+        resampled = sitk.GetImageFromArray(_sample_field(field, _physical_points(grid)), isVector=True)
+        resampled.CopyInformation(grid)
+        return resampled
+
+
+def _extent_mm(grid: sitk.Image) -> List[float]:
+    """The extent of ``grid`` between its first and last voxel centres, tensor axis order."""
+    return [(n - 1) * s for n, s in zip(grid.GetSize(), grid.GetSpacing())][::-1]
+
+
+def _direction(grid: sitk.Image) -> np.ndarray:
+    dimension = grid.GetDimension()
+    return np.array(grid.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+
+
+def _to_field_image(displacement: torch.Tensor, grid: sitk.Image) -> sitk.Image:
+    """A ``(1, D, *S)`` displacement (mm along tensor axes) as an LPS displacement field on ``grid``."""
+    along_index = displacement[0].detach().cpu().double().numpy()[::-1]  # x, y, z index axes first
+    lps = np.tensordot(_direction(grid), along_index, axes=1)
+    field = sitk.GetImageFromArray(np.moveaxis(lps, 0, -1), isVector=True)
+    field.CopyInformation(grid)
+    return field
+
+
+def refinement_grid(region: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """A grid with ``region``'s origin, direction and extent (first and last voxel centres on
+    ``region``'s), its spacing ``spacing_mm`` or just under it along each axis."""
+    extent = [(n - 1) * s for n, s in zip(region.GetSize(), region.GetSpacing())]
+    size = [max(2, int(math.ceil(e / spacing_mm - 1e-6)) + 1) for e in extent]
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetOrigin(region.GetOrigin())
+    grid.SetDirection(region.GetDirection())
+    grid.SetSpacing([e / (n - 1) if e > 0 else spacing_mm for e, n in zip(extent, size)])
+    return grid
+
+
+def _on_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, device: torch.device) -> torch.Tensor:
+    """``image`` smoothed (σ = half the grid's spacing), resampled through ``transform`` onto
+    ``grid`` (linear, 0 outside) and scaled to [0, 1]: ``(1, 1, *S)`` float32."""
+    smoothed = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), min(grid.GetSpacing()) / 2)
+    resampled = sitk.Resample(smoothed, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    array = torch.from_numpy(sitk.GetArrayFromImage(resampled))
+    low, high = float(array.min()), float(array.max())
+    array = (array - low) / (high - low) if high > low else array * 0
+    return array[None, None].to(device)
+
+
+def _resized(tensor: torch.Tensor, shape) -> torch.Tensor:
+    """A ``(1, C, *S)`` field resampled linearly onto a grid of ``shape`` with the same extent."""
+    if tuple(tensor.shape[2:]) == tuple(shape):
+        return tensor
+    return F.interpolate(tensor, size=tuple(shape), mode="trilinear" if len(shape) == 3 else "bilinear", align_corners=True)
+
+
+@dataclass
+class _Level:
+    """One level of the pyramid: its images on ``grid`` and the velocity's coarser grid."""
+
+    grid: sitk.Image
+    velocity_grid: sitk.Image
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    iterations: int
+
+
+def _optimize_level(
+    level: _Level, velocity: torch.Tensor, settings: RefineSettings, reporter: StageReporter, done: int
+) -> torch.Tensor:
+    """Adam on ``velocity`` (on the level's velocity grid) for one level; returns it detached."""
+    spacing = list(level.grid.GetSpacing())[::-1]
+    velocity_spacing = list(level.velocity_grid.GetSpacing())[::-1]
+    image_sampler = GridSampler(level.fixed.shape[2:], _extent_mm(level.grid), level.fixed.device)
+    velocity_sampler = GridSampler(velocity.shape[2:], _extent_mm(level.grid), level.fixed.device)
+    velocity = velocity.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([velocity], lr=settings.step_voxels * min(spacing))
+    sigma = settings.sigma_mm / min(spacing)
+    for step in range(level.iterations):
+        optimizer.zero_grad()
+        displacement = _resized(velocity_sampler.exponential(velocity, settings.squarings), level.fixed.shape[2:])
+        warped = image_sampler.sample(level.moving, displacement)
+        loss = 1 - lncc(warped, level.fixed, sigma).mean() + settings.regularization * smoothness(velocity, velocity_spacing)
+        loss.backward()
+        optimizer.step()
+        reporter.report(done + step + 1, f"{min(spacing):.1f} mm, loss {float(loss.detach()):.4f}")
+    return velocity.detach()
+
+
+def _levels(
+    fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, region: sitk.Image, settings: RefineSettings,
+    device: torch.device,
+) -> List[_Level]:
+    """The pyramid, coarsest first: each level's grids and its images (the moving one through
+    ``initial``)."""
+    identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
+    levels = []
+    for power, iterations in zip(range(settings.levels - 1, -1, -1), settings.per_level()):
+        spacing = settings.spacing_mm * 2**power
+        grid = refinement_grid(region, spacing)
+        levels.append(_Level(
+            grid, refinement_grid(region, spacing * settings.velocity_coarsening),
+            _on_grid(fixed, grid, identity, device), _on_grid(moving, grid, initial, device), iterations,
+        ))
+    return levels
+
+
+def refine(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    initial: sitk.Transform,
+    region: Optional[sitk.Image] = None,
+    settings: RefineSettings = RefineSettings(),
+    device: torch.device = torch.device("cpu"),
+    progress: Optional[ProgressCallback] = None,
+    should_cancel: Optional[CancelCheck] = None,
+) -> Refinement:
+    """The velocity field ``v`` that refines ``initial`` (fixed → moving, physical) into
+    ``initial ∘ exp(v)`` (see the module's docstring).
+
+    Args:
+        fixed, moving: the images, each in its own geometry.
+        initial: the fixed → moving transform to refine (identity for none).
+        region: the grid the refinement covers (default: the fixed image's); its extent and
+            direction give the refinement grids'.
+        settings: :class:`RefineSettings`.
+
+    Raises:
+        carlreg.progress.Cancelled: ``should_cancel()`` became true (nothing is returned).
+    """
+    settings.check()
+    started = time.perf_counter()
+    reporter = StageReporter(STAGE, sum(settings.per_level()), progress, should_cancel)
+    reporter.check_cancel()
+    levels = _levels(fixed, moving, initial, region if region is not None else fixed, settings, device)
+    velocity = torch.zeros((1, fixed.GetDimension(), *levels[0].velocity_grid.GetSize()[::-1]), device=device)
+    done = 0
+    for level in levels:
+        velocity = _optimize_level(level, _resized(velocity, level.velocity_grid.GetSize()[::-1]), settings, reporter, done)
+        done += level.iterations
+    return Refinement(levels[-1].velocity_grid, velocity.cpu(), settings.squarings, time.perf_counter() - started)
+
+
+def _physical_points(grid: sitk.Image) -> np.ndarray:
+    """LPS coordinates of ``grid``'s voxel centres, ``(*S, D)`` in tensor axis order."""
+    axes = [np.arange(n, dtype=np.float64) for n in grid.GetSize()[::-1]]
+    index = np.stack(np.meshgrid(*axes, indexing="ij")[::-1], axis=-1)  # x, y, z index last
+    matrix = _direction(grid) @ np.diag(grid.GetSpacing())
+    return index @ matrix.T + np.array(grid.GetOrigin())
+
+
+def _sample_field(field: sitk.Image, points: np.ndarray) -> np.ndarray:
+    """``field`` (LPS mm) at LPS ``points`` ``(..., D)``, linearly; beyond its grid its border's
+    values (Slicer's convention for grid transforms)."""
+    dimension = field.GetDimension()
+    matrix = _direction(field) @ np.diag(field.GetSpacing())
+    index = (points - np.array(field.GetOrigin())) @ np.linalg.inv(matrix).T
+    unit = 2.0 * index / (np.array(field.GetSize(), dtype=np.float64) - 1) - 1.0
+    values = torch.from_numpy(sitk.GetArrayFromImage(field)).float().movedim(-1, 0)[None]
+    where = torch.from_numpy(unit.reshape(-1, dimension)).float().reshape(1, *([1] * (dimension - 1)), -1, dimension)
+    sampled = F.grid_sample(values, where, mode="bilinear", padding_mode="border", align_corners=True)
+    return sampled.reshape(dimension, -1).T.double().numpy().reshape(points.shape)
+
+
+def compose(outer: sitk.Image, inner: sitk.Image) -> sitk.Image:
+    """The displacement field, on ``inner``'s grid (LPS mm), of ``x ↦ y + outer(y)`` with
+    ``y = x + inner(x)``: the map of ``inner`` followed by the map of ``outer``.
+
+    Both are displacement fields (LPS mm) on their own grids; ``outer`` takes its border's value
+    beyond its grid."""
+    displacement = sitk.GetArrayFromImage(inner).astype(np.float64)
+    moved = _physical_points(inner) + displacement
+    result = sitk.GetImageFromArray(displacement + _sample_field(outer, moved), isVector=True)
+    result.CopyInformation(inner)
+    return result
