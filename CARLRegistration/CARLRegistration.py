@@ -37,6 +37,14 @@ CUSTOM_MODEL = "Custom file..."
 POLL_INTERVAL_MS = 200
 
 
+def ioMode(refine: bool, tuneNetwork: bool) -> str:
+    """The engine's ``--io-mode`` for the panel's choices: tuning the network (the paper's
+    instance optimization) replaces the refinement; the refinement is the default."""
+    if tuneNetwork:
+        return "network"
+    return "svf" if refine else "none"
+
+
 class CARLRegistration(ScriptedLoadableModule):
     """Module metadata."""
 
@@ -70,6 +78,8 @@ class CARLRegistrationParameterNode:
     outputTransform: vtkMRMLGridTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
     customModelPath: str = ""
+    refine: bool = True
+    refineSpacing: Annotated[float, WithinRange(0.5, 8.0)] = 2.0
     instanceOptimization: bool = False
     ioSteps: Annotated[int, WithinRange(1, 500)] = 50
     device: str = "auto"
@@ -314,7 +324,9 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             fixedVolume=parameters.fixedVolume,
             model=model,
             modality=parameters.modality,
-            ioSteps=parameters.ioSteps if parameters.instanceOptimization else 0,
+            ioMode=ioMode(parameters.refine, parameters.instanceOptimization),
+            ioSteps=parameters.ioSteps,
+            refineSpacing=parameters.refineSpacing,
             device=parameters.device,
             computeInverse=parameters.computeInverse,
             computeJacobian=parameters.computeJacobian,
@@ -330,7 +342,9 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         fixedVolume,
         model: str,
         modality: str = "auto",
-        ioSteps: int = 0,
+        ioMode: str = "none",
+        ioSteps: int = 50,
+        refineSpacing: float = 2.0,
         device: str = "auto",
         computeInverse: bool = False,
         computeJacobian: bool = False,
@@ -370,7 +384,8 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
             self._exportVolume(fixedVolume, paths["fixed.nrrd"])
             arguments = [
                 "--moving", paths["moving.nrrd"], "--fixed", paths["fixed.nrrd"], "--model", model,
-                "--modality", modality, "--io-steps", str(ioSteps), "--device", device,
+                "--modality", modality, "--io-mode", ioMode, "--io-steps", str(ioSteps),
+                "--refine-spacing", str(refineSpacing), "--device", device,
                 "--out-transform", paths["transform.h5"], "--out-warped", paths["warped.nrrd"],
                 "--summary", paths["summary.json"],
                 # Slicer continues a grid transform with its border displacement where ITK applies
@@ -472,7 +487,10 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         m = self.metrics
         if not m:
             return ""
-        text = f"{m.get('seconds', 0):.1f} s on {m.get('device', '?')}; LNCC {m.get('lncc_before', 0):.3f} → {m.get('lncc_after', 0):.3f}"
+        text = f"{m.get('seconds', 0):.1f} s on {m.get('device', '?')}"
+        if "refine_seconds" in m:
+            text += f" (refinement {m['refine_seconds']:.1f} s)"
+        text += f"; LNCC {m.get('lncc_before', 0):.3f} → {m.get('lncc_after', 0):.3f}"
         text += f"; folding {m.get('folding_percent', 0):.2f} %"
         if "inverse_round_trip_p95_mm" in m:
             text += (f"; inverse round trip {m['inverse_round_trip_mean_mm']:.2f} mm "

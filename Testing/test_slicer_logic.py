@@ -334,7 +334,7 @@ def test_cancel_stops_the_worker_and_leaves_the_scene_as_it_was(scene_pair, tiny
     moving, fixed, _ = scene_pair
     nodes, before = slicer.mrmlScene.GetNumberOfNodes(), [_snapshot(moving), _snapshot(fixed)]
     logic = module.CARLRegistrationLogic()
-    logic.start(movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu", ioSteps=500)
+    logic.start(movingVolume=moving, fixedVolume=fixed, model=str(tiny_model), device="cpu", ioMode="network", ioSteps=500)
     work_folder = logic.folder
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(e["stage"] == "instance optimization" for e in logic.poll()):

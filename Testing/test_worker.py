@@ -47,7 +47,7 @@ def test_worker_reports_progress_and_writes_outputs(tmp_path, tiny_model):
 
 
 def test_cancel_stops_the_worker_within_two_seconds_and_leaves_no_output(tmp_path, tiny_model):
-    job = WorkerJob(_arguments(tmp_path, tiny_model, "--io-steps", "500")).start()
+    job = WorkerJob(_arguments(tmp_path, tiny_model, "--io-mode", "network", "--io-steps", "500")).start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if any(e["stage"] == "instance optimization" for e in job.poll()):

@@ -11,7 +11,9 @@ transform folds (Jacobian determinant ≤ 0, one formula for all methods:
 and peak memory (resident set) of a fresh process per run.
 
 - none: the identity in physical space.
-- ours: ``carlreg.register`` with a model (default ``carl-brain-3d``), ``--io-steps`` for IO.
+- ours: ``carlreg.register`` with a model (default ``carl-brain-3d``); ours_svf: with the
+  refinement by a velocity field (``io_mode="svf"``, default settings); ours_io: with the paper's
+  instance optimization of the weights (``io_mode="network"``, ``--io-steps``).
 - displacement_only: the same with the displacement-only network trained the same way
   (``--unet-model``, default ``unet-brain-3d``; the paper's variant 1).
 - ANTs SyN and Elastix (affine + B-spline), each with its defaults (``bench/baselines.py``); the
@@ -23,7 +25,7 @@ and content) moved so that the brains' centroids coincide, then its content shif
 differently would lose it); ours, the displacement-only network trained the same way
 (``--unet-model``), ANTs and Elastix.
 
-Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_io,displacement_only,ants,elastix] [--background dark|random]
+Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_svf,ours_io,displacement_only,ants,elastix] [--background dark|random]
        python bench/brain.py --sweep [--model ...] [--unet-model ...]
 Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png}.
 """
@@ -60,7 +62,9 @@ from carlreg.registry import available_models, model_card  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 LABEL_MAPS = REPO.parent / "shared" / "data" / "synthseg_label_maps"
 SHAPE, SPACING_MM = (128, 128, 128), 2.0
-METHODS = ("none", "ours", "ours_io", "displacement_only", "ants", "elastix")
+METHODS = ("none", "ours", "ours_svf", "ours_io", "displacement_only", "ants", "elastix")
+#: the instance-optimization mode of each of our methods (register()'s io_mode)
+IO_MODES = {"ours_svf": "svf", "ours_io": "network"}
 #: the test set's name in the result JSON and the model cards
 TEST_SET = "subjects 19-20"
 #: the translation sweep: shifts of the fixed image's content (mm) along each axis, methods
@@ -150,11 +154,11 @@ def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, w
     if method == "none":
         warped = sitk.Resample(moving_labels, fixed_labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         field = _identity_field(fixed_image)
-    elif method in ("ours", "ours_io", "displacement_only"):
+    elif method in ("ours", "ours_svf", "ours_io", "displacement_only"):
         from carlreg.pipeline import register
 
         result = register(moving_image, fixed_image, model, modality="max", device="cpu",
-                          io_steps=io_steps if method == "ours_io" else 0, moving_labels=moving_labels)
+                          io_mode=IO_MODES.get(method, "none"), io_steps=io_steps, moving_labels=moving_labels)
         warped, field = result.warped_labels, result.transform.GetDisplacementField()
     elif method in ("ants", "elastix"):
         run = ants_syn if method == "ants" else elastix_affine_bspline
