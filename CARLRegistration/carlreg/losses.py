@@ -77,11 +77,12 @@ def lncc(image_i: torch.Tensor, image_j: torch.Tensor, sigma: float = 4.0) -> to
         raise ValueError(
             f"lncc(): images must have the same shape, got {tuple(image_i.shape)} and {tuple(image_j.shape)}"
         )
-    blur = lambda t: gaussian_blur(t, sigma)  # noqa: E731
-    mean_i, mean_j = blur(image_i), blur(image_j)
-    covariance = blur(image_i * image_j) - mean_i * mean_j
-    variance_i = torch.relu(blur(image_i * image_i) - mean_i**2) + 1e-5
-    variance_j = torch.relu(blur(image_j * image_j) - mean_j**2) + 1e-5
+    # the five local means in one blur: one grouped convolution per axis instead of five
+    stacked = torch.cat([image_i, image_j, image_i * image_j, image_i * image_i, image_j * image_j], dim=1)
+    mean_i, mean_j, mean_ij, mean_ii, mean_jj = gaussian_blur(stacked, sigma).chunk(5, dim=1)
+    covariance = mean_ij - mean_i * mean_j
+    variance_i = torch.relu(mean_ii - mean_i**2) + 1e-5
+    variance_j = torch.relu(mean_jj - mean_j**2) + 1e-5
     return covariance / torch.sqrt(variance_i * variance_j)
 
 

@@ -8,9 +8,10 @@ region (LPS geometry of that region, spacing ``spacing_mm``); the refined map is
 
 ``v`` is found coarse to fine (each coarser level doubles the spacing; ``v`` is carried up by
 linear interpolation) by Adam on ``1 − mean LNCC(fixed, moving ∘ φ ∘ exp(v)) + λ · smoothness(v)``
-(:mod:`carlreg.svf`; LNCC with a Gaussian window of ``sigma_mm``). At each level both images are
-smoothed (σ = half the level's spacing) and resampled onto its grid, the moving one through ``φ``
-once, so that an iteration interpolates only on the grid.
+(:mod:`carlreg.svf`; LNCC with a Gaussian window of ``sigma_mm``). The images are smoothed
+(σ = half the finest spacing) and resampled onto the finest grid once, the moving one through
+``φ``, then halved in resolution level by level, so that an iteration interpolates only on the
+grid. The velocity lives on a grid ``velocity_coarsening`` times coarser than its level's.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .losses import lncc
+from .losses import gaussian_blur, lncc
 from .progress import CancelCheck, ProgressCallback, StageReporter
 from .svf import GridSampler, smoothness
 
@@ -195,17 +196,20 @@ def _levels(
     device: torch.device,
 ) -> List[_Level]:
     """The pyramid, coarsest first: each level's grids and its images (the moving one through
-    ``initial``)."""
+    ``initial``). The finest level's images are resampled from the inputs; each coarser level's
+    are the finer ones blurred (σ = one finer voxel) and resampled to half the resolution."""
     identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
+    finest = refinement_grid(region, settings.spacing_mm)
+    images = (_on_grid(fixed, finest, identity, device), _on_grid(moving, finest, initial, device))
     levels = []
-    for power, iterations in zip(range(settings.levels - 1, -1, -1), settings.per_level()):
+    for power, iterations in zip(range(settings.levels), settings.per_level()[::-1]):
         spacing = settings.spacing_mm * 2**power
         grid = refinement_grid(region, spacing)
-        levels.append(_Level(
-            grid, refinement_grid(region, spacing * settings.velocity_coarsening),
-            _on_grid(fixed, grid, identity, device), _on_grid(moving, grid, initial, device), iterations,
-        ))
-    return levels
+        if power:
+            images = tuple(_resized(gaussian_blur(image, 1.0), grid.GetSize()[::-1]) for image in images)
+        velocity_grid = refinement_grid(region, spacing * settings.velocity_coarsening)
+        levels.append(_Level(grid, velocity_grid, images[0], images[1], iterations))
+    return levels[::-1]
 
 
 def refine(
