@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -495,6 +496,12 @@ def _poll_until_done(widget, seconds=120):
         time.sleep(0.05)
 
 
+def test_the_panels_choices_give_the_engines_io_mode():
+    assert module.ioMode(refine=True, tuneNetwork=False) == "svf"  # the panel's default
+    assert module.ioMode(refine=False, tuneNetwork=False) == "none"
+    assert module.ioMode(refine=True, tuneNetwork=True) == module.ioMode(refine=False, tuneNetwork=True) == "network"
+
+
 def test_the_widget_runs_a_registration_from_its_panel(scene_pair, tiny_model):
     moving, fixed, _ = scene_pair
     widget = module.CARLRegistrationWidget()
@@ -504,6 +511,7 @@ def test_the_widget_runs_a_registration_from_its_panel(scene_pair, tiny_model):
     assert ui.deviceComboBox.items[0] == "auto" and ui.deviceComboBox.items[-1] == "cpu"
     parameters = widget._parameterNode
     assert parameters.fixedVolume is not None  # the first volume of the scene, as the template does
+    assert parameters.refine and parameters.refineSpacing == 2.0 and not parameters.instanceOptimization
     parameters.fixedVolume, parameters.movingVolume = None, None
     widget._updateButtonState()
     assert not ui.registerButton.enabled and "a moving volume and a fixed volume" in ui.registerButton.toolTip
@@ -522,8 +530,9 @@ def test_the_widget_runs_a_registration_from_its_panel(scene_pair, tiny_model):
         time.sleep(0.05)
     # the worker's progress reached the panel: "<stage>: step i of n[, t s left]"
     assert any(": step " in text and text.split(":")[0] in {"loading", "registration", "transform", "metrics"} for text in seen)
+    assert any(text.startswith("refinement: step ") for text in seen)  # Refine is the panel's default
     assert ui.progressBar.value == 100 and ui.registerButton.text == "Register"
-    assert " s on cpu; LNCC " in ui.statusLabel.text and "folding" in ui.statusLabel.text
+    assert re.search(r" s on cpu \(refinement \d+\.\d s\); LNCC ", ui.statusLabel.text) and "folding" in ui.statusLabel.text
     assert isinstance(parameters.outputTransform, slicer.vtkMRMLGridTransformNode)
     assert np.allclose(_ijk_to_ras(parameters.outputVolume), _ijk_to_ras(fixed), atol=1e-6)
 
