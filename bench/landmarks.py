@@ -107,8 +107,9 @@ def run_one(method: str, offset_mm: float, moving: Path, model: str, io_steps: i
     field = _field(method, moving, model, io_steps, work)
     seconds = time.perf_counter() - started
     folding = 100.0 * float((sitk.GetArrayFromImage(jacobian_determinant(field)) <= 0).mean())
-    tre = target_registration_error(sitk.DisplacementFieldTransform(field), read_landmarks(FIXED_AFIDS),
-                                    moved_landmarks(offset_mm))
+    # a copy: a field taken from a transform that is gone crashes a new transform's TransformPoint
+    transform = sitk.DisplacementFieldTransform(sitk.Image(field))
+    tre = target_registration_error(transform, read_landmarks(FIXED_AFIDS), moved_landmarks(offset_mm))
     return {"tre_mean_mm": tre["tre_after_mean_mm"], "tre_median_mm": tre["tre_after_median_mm"],
             "tre_max_mm": tre["tre_after_max_mm"], "tre_before_mm": tre["tre_before_mean_mm"],
             "folding_percent": folding, "seconds": seconds}

@@ -32,6 +32,9 @@ from .svf import GridSampler, smoothness
 __all__ = ["RefineSettings", "Refinement", "refine", "compose"]
 
 STAGE = "refinement"
+#: margin around the fixed image's foreground where the refinement is computed; beyond it the
+#: refinement's displacement continues its border's (see :func:`compose`)
+FOREGROUND_MARGIN_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,7 @@ class Refinement:
         field = _to_field_image(displacement, self.grid)
         if grid is None:
             return field
-        resampled = sitk.GetImageFromArray(_sample_field(field, _physical_points(grid)), isVector=True)
-        resampled.CopyInformation(grid)
-        return resampled
+        return _vector_image(_sample_field(field, grid), grid)
 
 
 def _extent_mm(grid: sitk.Image) -> List[float]:
@@ -122,10 +123,7 @@ def _direction(grid: sitk.Image) -> np.ndarray:
 def _to_field_image(displacement: torch.Tensor, grid: sitk.Image) -> sitk.Image:
     """A ``(1, D, *S)`` displacement (mm along tensor axes) as an LPS displacement field on ``grid``."""
     along_index = displacement[0].detach().cpu().double().numpy()[::-1]  # x, y, z index axes first
-    lps = np.tensordot(_direction(grid), along_index, axes=1)
-    field = sitk.GetImageFromArray(np.moveaxis(lps, 0, -1), isVector=True)
-    field.CopyInformation(grid)
-    return field
+    return _vector_image(np.moveaxis(np.tensordot(_direction(grid), along_index, axes=1), 0, -1), grid)
 
 
 def refinement_grid(region: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -191,6 +189,21 @@ def _optimize_level(
     return velocity.detach()
 
 
+def foreground_region(fixed: sitk.Image, region: sitk.Image, margin_mm: float) -> sitk.Image:
+    """The part of ``region`` (a grid) that holds the fixed image's foreground (Otsu threshold)
+    with ``margin_mm`` around it: where the similarity has something to say. All of ``region``
+    when the foreground is empty."""
+    mask = sitk.Resample(sitk.OtsuThreshold(fixed, 0, 1), region, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                         sitk.sitkUInt8)
+    inside = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # x, y, z index order
+    if inside.size == 0:
+        return region
+    margin = np.ceil(margin_mm / np.array(region.GetSpacing())).astype(int)
+    low = np.maximum(inside.min(axis=0) - margin, 0)
+    high = np.minimum(inside.max(axis=0) + margin, np.array(region.GetSize()) - 1)
+    return sitk.RegionOfInterest(mask, (high - low + 1).tolist(), low.tolist())
+
+
 def _levels(
     fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, region: sitk.Image, settings: RefineSettings,
     device: torch.device,
@@ -228,8 +241,9 @@ def refine(
     Args:
         fixed, moving: the images, each in its own geometry.
         initial: the fixed → moving transform to refine (identity for none).
-        region: the grid the refinement covers (default: the fixed image's); its extent and
-            direction give the refinement grids'.
+        region: the grid the refinement covers (default: the fixed image's), cut down to the
+            fixed image's foreground and a margin (:func:`foreground_region`); its direction and
+            that extent give the refinement grids'.
         settings: :class:`RefineSettings`.
 
     Raises:
@@ -239,7 +253,8 @@ def refine(
     started = time.perf_counter()
     reporter = StageReporter(STAGE, sum(settings.per_level()), progress, should_cancel)
     reporter.check_cancel()
-    levels = _levels(fixed, moving, initial, region if region is not None else fixed, settings, device)
+    region = foreground_region(fixed, region if region is not None else fixed, FOREGROUND_MARGIN_MM)
+    levels = _levels(fixed, moving, initial, region, settings, device)
     velocity = torch.zeros((1, fixed.GetDimension(), *levels[0].velocity_grid.GetSize()[::-1]), device=device)
     done = 0
     for level in levels:
@@ -248,25 +263,36 @@ def refine(
     return Refinement(levels[-1].velocity_grid, velocity.cpu(), settings.squarings, time.perf_counter() - started)
 
 
-def _physical_points(grid: sitk.Image) -> np.ndarray:
-    """LPS coordinates of ``grid``'s voxel centres, ``(*S, D)`` in tensor axis order."""
-    axes = [np.arange(n, dtype=np.float64) for n in grid.GetSize()[::-1]]
-    index = np.stack(np.meshgrid(*axes, indexing="ij")[::-1], axis=-1)  # x, y, z index last
-    matrix = _direction(grid) @ np.diag(grid.GetSpacing())
-    return index @ matrix.T + np.array(grid.GetOrigin())
+def _vector_image(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    """An ``(*S, D)`` array of LPS vectors as a float64 displacement field with ``grid``'s geometry."""
+    image = sitk.GetImageFromArray(array.astype(np.float64), isVector=True)
+    image.CopyInformation(grid)
+    return image
 
 
-def _sample_field(field: sitk.Image, points: np.ndarray) -> np.ndarray:
-    """``field`` (LPS mm) at LPS ``points`` ``(..., D)``, linearly; beyond its grid its border's
-    values (Slicer's convention for grid transforms)."""
+def _sample_field(field: sitk.Image, grid: sitk.Image, displacement: Optional[np.ndarray] = None) -> np.ndarray:
+    """``field`` (LPS mm) at the voxel centres ``x`` of ``grid``, or at ``x + displacement(x)``
+    (``(*S, D)`` LPS mm), linearly; beyond its grid its border's values (Slicer's convention for
+    grid transforms). Returns ``(*S, D)`` float32, tensor axis order.
+
+    The sample points are an affine function of ``grid``'s index, built axis by axis in float32:
+    no array of physical points is made."""
     dimension = field.GetDimension()
-    matrix = _direction(field) @ np.diag(field.GetSpacing())
-    index = (points - np.array(field.GetOrigin())) @ np.linalg.inv(matrix).T
-    unit = 2.0 * index / (np.array(field.GetSize(), dtype=np.float64) - 1) - 1.0
+    to_index = np.linalg.inv(_direction(field) @ np.diag(field.GetSpacing()))
+    scale = 2.0 / (np.array(field.GetSize(), dtype=np.float64) - 1)
+    lps_to_unit = scale[:, None] * to_index
+    grid_to_unit = lps_to_unit @ _direction(grid) @ np.diag(grid.GetSpacing())
+    offset = lps_to_unit @ (np.array(grid.GetOrigin()) - np.array(field.GetOrigin())) - 1.0
+    shape = grid.GetSize()[::-1]
+    unit = torch.from_numpy(offset).float().expand(*shape, dimension).clone()
+    for axis, size in enumerate(grid.GetSize()):  # index axes x, y, z: tensor axes last to first
+        steps = torch.arange(size, dtype=torch.float32).reshape(*[size if k == dimension - 1 - axis else 1 for k in range(dimension)], 1)
+        unit += steps * torch.from_numpy(grid_to_unit[:, axis]).float()
+    if displacement is not None:
+        unit += torch.from_numpy(displacement).float() @ torch.from_numpy(lps_to_unit.T).float()
     values = torch.from_numpy(sitk.GetArrayFromImage(field)).float().movedim(-1, 0)[None]
-    where = torch.from_numpy(unit.reshape(-1, dimension)).float().reshape(1, *([1] * (dimension - 1)), -1, dimension)
-    sampled = F.grid_sample(values, where, mode="bilinear", padding_mode="border", align_corners=True)
-    return sampled.reshape(dimension, -1).T.double().numpy().reshape(points.shape)
+    sampled = F.grid_sample(values, unit[None], mode="bilinear", padding_mode="border", align_corners=True)
+    return sampled[0].movedim(0, -1).numpy()
 
 
 def compose(outer: sitk.Image, inner: sitk.Image) -> sitk.Image:
@@ -275,8 +301,5 @@ def compose(outer: sitk.Image, inner: sitk.Image) -> sitk.Image:
 
     Both are displacement fields (LPS mm) on their own grids; ``outer`` takes its border's value
     beyond its grid."""
-    displacement = sitk.GetArrayFromImage(inner).astype(np.float64)
-    moved = _physical_points(inner) + displacement
-    result = sitk.GetImageFromArray(displacement + _sample_field(outer, moved), isVector=True)
-    result.CopyInformation(inner)
-    return result
+    displacement = sitk.GetArrayFromImage(inner)
+    return _vector_image(displacement + _sample_field(outer, inner, displacement), inner)
