@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # The reference CARL implementation, used only as a test oracle (installed without its dependencies).
 REFERENCE ?= icon_registration==1.1.9
 
-.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse clean
+.PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse bench-landmarks gpu-check gpu-carry clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest Testing --durations=15
 
 # Benchmarks (not part of CI): results land in bench/results/.
-bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse
+bench: bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse bench-landmarks
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
@@ -49,6 +49,7 @@ bench-retina: $(VENV)/.installed
 
 bench-brain: $(VENV)/.bench-installed
 	$(PY) bench/brain.py
+	$(PY) bench/brain.py --methods none,ours,ours_svf,ants,elastix --output brain_refine
 	$(PY) bench/brain.py --sweep
 
 bench-equivariance: $(VENV)/.installed
@@ -62,6 +63,21 @@ bench-unicarl: $(VENV)/.installed
 
 bench-inverse: $(VENV)/.installed
 	$(PY) bench/inverse.py
+
+bench-landmarks: $(VENV)/.bench-installed
+	$(PY) bench/landmarks.py
+
+# On an NVIDIA GPU: the tests marked cuda, then forward, uniCARL and instance-optimization timings
+# with peak GPU memory (bench/gpu_check.py). Without CUDA it says so in one line and measures nothing.
+GPU_OUT ?= bench/results/gpu
+gpu-check: $(VENV)/.installed
+	$(PY) bench/gpu_check.py --out $(GPU_OUT)
+
+# The git-ignored folder a lent GPU machine needs beside the working tree: SimpleITK packed to fit,
+# the reference's wheel, the test data and a training config (bench/gpu_carry.py; downloads wheels).
+GPU_CARRY ?= .gpu-carry
+gpu-carry: $(VENV)/.installed
+	$(PY) bench/gpu_carry.py --out $(GPU_CARRY) --reference $(REFERENCE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

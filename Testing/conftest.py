@@ -15,6 +15,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Two threads, as on the project's machines; results must not depend on it.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+#: why a test marked ``cuda`` is skipped (also where CI runs: it has no GPU, a skip is not a failure)
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (Testing/test_cuda.py, run by `make gpu-check`) are skipped without a GPU."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
 
 def shared_data_path(*parts: str) -> Path:
     """A file under ../shared/data: skipped when absent (a user's clone), a failure in CI."""

@@ -46,11 +46,16 @@ def test_worker_reports_progress_and_writes_outputs(tmp_path, tiny_model):
     assert (tmp_path / "t.h5").is_file() and (tmp_path / "w.nii.gz").is_file()
 
 
-def test_cancel_stops_the_worker_within_two_seconds_and_leaves_no_output(tmp_path, tiny_model):
-    job = WorkerJob(_arguments(tmp_path, tiny_model, "--io-mode", "network", "--io-steps", "500")).start()
+@pytest.mark.parametrize("options, stage", [
+    (("--io-mode", "network", "--io-steps", "500"), "instance optimization"),
+    # a fine grid, so that the refinement lasts well beyond the cancel
+    (("--io-mode", "svf", "--refine-spacing", "1"), "refinement"),
+])
+def test_cancel_stops_the_worker_within_two_seconds_and_leaves_no_output(tmp_path, tiny_model, options, stage):
+    job = WorkerJob(_arguments(tmp_path, tiny_model, *options)).start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if any(e["stage"] == "instance optimization" for e in job.poll()):
+        if any(e["stage"] == stage for e in job.poll()):
             break
         assert job.returncode is None, job.error
         time.sleep(0.05)
