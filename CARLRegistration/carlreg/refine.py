@@ -34,7 +34,7 @@ __all__ = ["RefineSettings", "Refinement", "refine", "compose"]
 STAGE = "refinement"
 #: margin around the fixed image's foreground where the refinement is computed; beyond it the
 #: refinement's displacement continues its border's (see :func:`compose`)
-FOREGROUND_MARGIN_MM = 20.0
+FOREGROUND_MARGIN_MM = 10.0
 
 
 @dataclass(frozen=True)
