@@ -214,29 +214,42 @@ def map_to_displacement_field(
     return field
 
 
+def _determinant(matrices: np.ndarray) -> np.ndarray:
+    """Determinants of ``(..., D, D)`` matrices: written out for D = 2 and 3 (twice as fast as
+    ``np.linalg.det`` on millions of small matrices)."""
+    m = matrices
+    if m.shape[-1] == 2:
+        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    if m.shape[-1] == 3:
+        return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
+                - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
+                + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
+    return np.linalg.det(m)
+
+
 def jacobian_determinant(field: sitk.Image) -> sitk.Image:
     """det(∂φ/∂x) of ``x ↦ x + u(x)`` in physical space, on the field's grid (float32 image).
 
     Central differences along the index axes (one-sided at the border), mapped to physical
-    axes through the grid's spacing and direction. Values ≤ 0 mark folding.
+    axes through the grid's spacing and direction, in float32. Values ≤ 0 mark folding.
     """
     dimension = field.GetDimension()
     if min(field.GetSize()) < 2:
         raise ValueError(f"jacobian_determinant(): the field needs ≥ 2 voxels per axis, got {field.GetSize()}")
     vectors = sitk.GetArrayViewFromImage(field)  # (z, y, x, D): tensor order, LPS vector components
     index_to_lps = _index_to_lps_matrix(field)
-    lps_per_index = np.linalg.inv(index_to_lps)  # d(index)/d(lps)
+    lps_per_index = np.linalg.inv(index_to_lps).astype(np.float32)  # d(index)/d(lps)
     determinant = np.empty(vectors.shape[:-1], dtype=np.float32)
     slab = max(1, SLAB_VOXELS // int(np.prod(vectors.shape[1:-1])))
     n0 = vectors.shape[0]
     for start in range(0, n0, slab):
         stop = min(n0, start + slab)
         lo, hi = max(0, start - 1), min(n0, stop + 1)
-        block = np.asarray(vectors[lo:hi], dtype=np.float64)
+        block = np.asarray(vectors[lo:hi], dtype=np.float32)
         # derivatives along tensor axes (z, y, x), reversed to SimpleITK index axes (x, y, z)
         du_dindex = np.stack(np.gradient(block, axis=tuple(range(dimension)))[::-1], axis=-1)
-        jacobian = du_dindex @ lps_per_index + np.eye(dimension)
-        determinant[start:stop] = np.linalg.det(jacobian)[start - lo : start - lo + (stop - start)]
+        jacobian = du_dindex @ lps_per_index + np.eye(dimension, dtype=np.float32)
+        determinant[start:stop] = _determinant(jacobian)[start - lo : start - lo + (stop - start)]
     result = sitk.GetImageFromArray(determinant)
     result.CopyInformation(field)
     return result

@@ -35,7 +35,7 @@ from .models import load_model
 from .optimize import instance_optimize
 from .preprocess import normalize_intensities, unicarl_preprocess
 from .progress import CancelCheck, ProgressCallback, StageReporter
-from .refine import Refinement, RefineSettings, compose, refine
+from .refine import Refinement, RefineSettings, compose, refine, refinement_grid
 
 __all__ = ["RegistrationResult", "register", "warp_image"]
 
@@ -206,6 +206,15 @@ def _network_maps(network, moving_tensor, fixed_tensor, io_mode, io_steps, inver
     return maps
 
 
+def _network_field_grid(grid: sitk.Image, io_mode: str, refine_settings: RefineSettings) -> sitk.Image:
+    """Where the network's field is evaluated: the transform's grid, or for a refinement a grid
+    of its spacing over the same extent (the network's 3 mm map loses nothing there, and the
+    composition interpolates it onto the transform's grid anyway)."""
+    if io_mode == "svf" and refine_settings.spacing_mm > max(grid.GetSpacing()):
+        return refinement_grid(grid, refine_settings.spacing_mm)
+    return grid
+
+
 def _metrics(moving, fixed, warped, jacobian, fixed_part, modality, shape, spacing_mm) -> Dict[str, float]:
     """LNCC before and after on the fixed network grid, and folding over the fixed extent."""
     identity = warp_image(moving, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
@@ -306,7 +315,9 @@ def register(
 
     reporter = StageReporter("transform", 1, progress, should_cancel)
     grid, fixed_part = _field_grid(fixed, moving, field_spacing_mm, field_extent)
-    network_field = map_to_displacement_field(maps.fixed_to_moving, fixed_oriented, moving_oriented, grid, spacing_mm)
+    network_field = map_to_displacement_field(
+        maps.fixed_to_moving, fixed_oriented, moving_oriented, _network_field_grid(grid, io_mode, refine_settings), spacing_mm
+    )
     reporter.report(1)
     refinement, metrics = None, {}
     field_image = network_field
