@@ -74,6 +74,8 @@ def test_parameter_names_match_the_ui_and_widget_kinds():
             assert widget_class == "QCheckBox", parameter
         elif "int" in annotation:
             assert widget_class == "QSpinBox", parameter
+        elif "float" in annotation:
+            assert widget_class == "QDoubleSpinBox", parameter
         else:
             assert annotation == "str" and widget_class in ("QComboBox", "ctkPathLineEdit"), parameter
 
