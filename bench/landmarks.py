@@ -86,8 +86,9 @@ def moved_landmarks(offset_mm: float) -> Landmarks:
 def _field(method: str, moving: Path, model: str, io_steps: int, work: Path) -> sitk.Image:
     """The fixed → moving displacement field (LPS mm, fixed grid) of one method."""
     if method == "none":
-        field = sitk.Image(sitk.ReadImage(str(FIXED)).GetSize(), sitk.sitkVectorFloat64)
-        field.CopyInformation(sitk.ReadImage(str(FIXED)))
+        fixed = sitk.ReadImage(str(FIXED))
+        field = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64)
+        field.CopyInformation(fixed)
         return field
     if method in ("ours", "ours_svf", "ours_io"):
         from carlreg.pipeline import register

@@ -135,6 +135,13 @@ def output_grid(fixed: sitk.Image, spacing_mm: Optional[float] = None) -> sitk.I
     return coarse
 
 
+def foreground_mask(image: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """``image``'s foreground (Otsu threshold: 1 inside, 0 outside) on ``grid``'s voxels
+    (nearest neighbour; 0 beyond ``image``), a UInt8 image with ``grid``'s geometry."""
+    return sitk.Resample(sitk.OtsuThreshold(image, 0, 1), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                         sitk.sitkUInt8)
+
+
 def covering_grid(grid: sitk.Image, other: sitk.Image) -> Tuple[sitk.Image, Tuple[slice, ...]]:
     """``grid`` grown, on its own lattice (same spacing and direction, whole steps), until it also
     covers ``other``'s extent (its voxel centres' bounding box, in physical space).

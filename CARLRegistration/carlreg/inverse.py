@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .geometry import _index_to_lps_matrix
+from .geometry import _index_to_lps_matrix, foreground_mask
 from .progress import CancelCheck, Cancelled
 
 __all__ = ["invert_displacement_field", "round_trip_error"]
@@ -178,11 +178,7 @@ def round_trip_error(forward_field: sitk.Image, inverse_field: sitk.Image, fixed
     """
     _check_field(forward_field, "the forward field", "round_trip_error")
     _check_field(inverse_field, "the inverse field", "round_trip_error", forward_field.GetDimension())
-    reference = sitk.Image(forward_field.GetSize(), sitk.sitkUInt8)
-    reference.CopyInformation(forward_field)
-    foreground = sitk.Resample(sitk.OtsuThreshold(fixed, 0, 1), reference, sitk.Transform(),
-                               sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    mask = torch.from_numpy(sitk.GetArrayFromImage(foreground).reshape(-1) > 0)
+    mask = torch.from_numpy(sitk.GetArrayFromImage(foreground_mask(fixed, forward_field)).reshape(-1) > 0)
     inverse = _LinearField(inverse_field)
     forward = _vectors(forward_field)[mask]
     # φ(x) = x + u(x), in the inverse grid's normalized frame

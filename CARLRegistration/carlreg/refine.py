@@ -25,6 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .geometry import foreground_mask
 from .losses import gaussian_blur, lncc
 from .progress import CancelCheck, ProgressCallback, StageReporter
 from .svf import GridSampler, smoothness
@@ -193,8 +194,7 @@ def foreground_region(fixed: sitk.Image, region: sitk.Image, margin_mm: float) -
     """The part of ``region`` (a grid) that holds the fixed image's foreground (Otsu threshold)
     with ``margin_mm`` around it: where the similarity has something to say. All of ``region``
     when the foreground is empty."""
-    mask = sitk.Resample(sitk.OtsuThreshold(fixed, 0, 1), region, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                         sitk.sitkUInt8)
+    mask = foreground_mask(fixed, region)
     inside = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # x, y, z index order
     if inside.size == 0:
         return region
