@@ -37,6 +37,7 @@ __all__ = [
     "CANONICAL_ORIENTATION",
     "canonical_orientation",
     "network_ratios",
+    "covering_box",
     "to_network",
     "index_to_unit",
     "unit_to_index",
@@ -73,6 +74,25 @@ def network_ratios(image: sitk.Image, shape: Sequence[int], spacing_mm: Optional
     if spacing_mm is None:
         return tuple(n_image / n for n_image, n in zip(sizes, network_xyz))
     return tuple(spacing_mm / s for s in image.GetSpacing())
+
+
+#: a box grown to cover the images is a multiple of this many voxels per axis (the U-Nets halve it 3 times)
+BOX_MULTIPLE = 8
+
+
+def covering_box(images: Sequence[sitk.Image], spacing_mm: float, minimum: Sequence[int], maximum: Sequence[int]) -> Tuple[int, ...]:
+    """The network box (tensor order) at ``spacing_mm`` that holds each image's whole field of view.
+
+    Each image's grid is centred on the image (:func:`to_network`), so an axis of ``n`` voxels
+    covers an image of extent ``e`` when ``(n − 1) · spacing ≥ e``; ``n`` is then rounded up to a
+    multiple of :data:`BOX_MULTIPLE` and kept within ``[minimum, maximum]`` (beyond ``maximum``
+    the image's outer parts are cut, as with a fixed box). Images are in the network's
+    orientation (:func:`canonical_orientation`): their axes are the box's.
+    """
+    extents = np.max([[(n - 1) * s for n, s in zip(image.GetSize(), image.GetSpacing())] for image in images], axis=0)
+    needed = [int(math.ceil(e / spacing_mm - 1e-6)) + 1 for e in extents[::-1]]
+    rounded = [BOX_MULTIPLE * int(math.ceil(n / BOX_MULTIPLE)) for n in needed]
+    return tuple(int(min(max(n, lo), hi)) for n, lo, hi in zip(rounded, minimum, maximum))
 
 
 def to_network(image: torch.Tensor, shape: Sequence[int], ratios: Optional[Sequence[float]] = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ Instance optimization additionally needs the network's ``transform`` method (CAR
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
@@ -22,7 +23,7 @@ from torch import nn
 
 from .device import resolve_device
 from .geometry import (
-    canonical_orientation, covering_grid, jacobian_determinant, map_to_displacement_field, network_ratios, output_grid,
+    canonical_orientation, covering_box, covering_grid, jacobian_determinant, map_to_displacement_field, network_ratios, output_grid,
     to_network,
 )
 from .inference import predict_maps
@@ -32,6 +33,7 @@ from .landmarks import read_landmarks, target_registration_error
 from .losses import lncc
 from .metrics import dice_per_label
 from .models import load_model
+from .network import CARLConfig, set_box
 from .optimize import instance_optimize
 from .preprocess import normalize_intensities, unicarl_preprocess
 from .progress import CancelCheck, ProgressCallback, StageReporter
@@ -96,19 +98,53 @@ def network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional[
     return to_network(normalized, shape, network_ratios(image, shape, spacing_mm))
 
 
-def _prepared(image: sitk.Image, network: nn.Module, modality: str, shape, spacing_mm: Optional[float], what: str):
-    """The image as the network's geometry sees it (oriented; for uniCARL also cropped) and its
-    network input ``(1, 1, *shape)``. Models whose preprocessing is ``"unicarl"`` take their
-    authors' (:func:`carlreg.preprocess.unicarl_preprocess`, whole array resized), the others the
-    modality setting on their own grid (:func:`network_input`)."""
+def _oriented(image: sitk.Image, network: nn.Module, what: str) -> sitk.Image:
+    """The image as the network's geometry sees it: for models whose preprocessing is
+    ``"unicarl"`` their authors' (:func:`carlreg.preprocess.unicarl_preprocess`, cropped and
+    scaled), for the others reoriented to RAS."""
     if getattr(network, "preprocessing", "") == "unicarl":
         try:
-            prepared = unicarl_preprocess(image)
+            return unicarl_preprocess(image)
         except ImageError as err:
             raise ImageError(f"{what}: {err}") from err
-        return prepared, to_network(image_to_tensor(prepared), shape)
-    oriented = canonical_orientation(image)
-    return oriented, network_input(oriented, modality, shape, spacing_mm, what)
+    return canonical_orientation(image)
+
+
+def _network_tensor(oriented: sitk.Image, network: nn.Module, modality: str, shape, spacing_mm, what: str) -> torch.Tensor:
+    """The ``(1, 1, *shape)`` network input of an image from :func:`_oriented`: uniCARL's whole
+    array resized, the others' the modality setting on their own grid (:func:`network_input`)."""
+    if getattr(network, "preprocessing", "") == "unicarl":
+        return to_network(image_to_tensor(oriented), shape)
+    return network_input(oriented, modality, shape, spacing_mm, what)
+
+
+#: a box grown to cover both images stays within this many times the trained box per axis
+MAX_BOX_FACTOR = 2
+
+
+def _network_box(network: nn.Module, images, spacing_mm: Optional[float]) -> Tuple[int, ...]:
+    """The box the network runs on: for CARL networks at a physical spacing, grown from the
+    trained box to cover both images (:func:`carlreg.geometry.covering_box`: no content is cut
+    at its edge, so large offsets stay in view); for the others their own input shape."""
+    config = getattr(network, "config", None)
+    if spacing_mm is None or not isinstance(config, CARLConfig):
+        return tuple(int(n) for n in network.input_shape)
+    trained = config.input_shape
+    return covering_box(images, spacing_mm, trained, [MAX_BOX_FACTOR * n for n in trained])
+
+
+@contextlib.contextmanager
+def _boxed(network: nn.Module, shape: Tuple[int, ...]):
+    """The network on ``shape`` for the duration (:func:`carlreg.network.set_box`), then back."""
+    before = tuple(int(n) for n in network.input_shape)
+    if shape == before:
+        yield network
+        return
+    set_box(network, shape)
+    try:
+        yield network
+    finally:
+        set_box(network, before)
 
 
 def _mean_lncc(image: sitk.Image, fixed: sitk.Image, modality: str, shape, spacing_mm: Optional[float]) -> float:
@@ -268,6 +304,8 @@ def register(
     network's input grid (:func:`carlreg.geometry.to_network`: sampled at the model's
     ``input_spacing_mm`` on a grid centred on the image, or its whole array resized), and the
     network's map is turned into a physical displacement field on the fixed image's own grid.
+    A CARL network at a physical spacing runs on a box grown from its trained one to hold both
+    images whole (at most twice it per axis), so that no content is cut at the box's edge.
 
     Args:
         moving, fixed: images or paths (anything SimpleITK reads, or a DICOM folder).
@@ -299,19 +337,23 @@ def register(
     reporter = StageReporter("loading", 1, progress, should_cancel)
     moving, fixed = _as_image(moving, "moving image"), _as_image(fixed, "fixed image")
     network = load_model(model, device, progress, should_cancel)
-    shape = tuple(int(n) for n in network.input_shape)
+    dimension = len(network.input_shape)
     for what, image in (("moving", moving), ("fixed", fixed)):
-        if image.GetDimension() != len(shape):
+        if image.GetDimension() != dimension:
             raise ImageError(
-                f"register(): {what} image is {image.GetDimension()}-D, the model registers {len(shape)}-D images"
+                f"register(): {what} image is {image.GetDimension()}-D, the model registers {dimension}-D images"
             )
     spacing_mm = getattr(network, "input_spacing_mm", None)
-    (moving_oriented, moving_tensor), (fixed_oriented, fixed_tensor) = (
-        _prepared(image, network, modality, shape, spacing_mm, what) for image, what in ((moving, "moving image"), (fixed, "fixed image"))
+    moving_oriented, fixed_oriented = _oriented(moving, network, "moving image"), _oriented(fixed, network, "fixed image")
+    shape = _network_box(network, (moving_oriented, fixed_oriented), spacing_mm)
+    moving_tensor, fixed_tensor = (
+        _network_tensor(image, network, modality, shape, spacing_mm, what)
+        for image, what in ((moving_oriented, "moving image"), (fixed_oriented, "fixed image"))
     )
     reporter.report(1)
-    maps = _network_maps(network, moving_tensor.to(device), fixed_tensor.to(device), io_mode, io_steps, inverse,
-                         precision, progress, should_cancel)
+    with _boxed(network, shape):
+        maps = _network_maps(network, moving_tensor.to(device), fixed_tensor.to(device), io_mode, io_steps, inverse,
+                             precision, progress, should_cancel)
 
     reporter = StageReporter("transform", 1, progress, should_cancel)
     grid, fixed_part = _field_grid(fixed, moving, field_spacing_mm, field_extent)

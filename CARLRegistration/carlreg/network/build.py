@@ -8,7 +8,7 @@ from .attention import AttentionRegistration, FeatureNet
 from .unet import UNet
 from .wrappers import Down, FunctionFromVectorField, RegistrationModule, TwoStep
 
-__all__ = ["CARLConfig", "VARIANTS", "build_carl", "build_from_config"]
+__all__ = ["CARLConfig", "VARIANTS", "build_carl", "build_from_config", "set_box"]
 
 #: wirings of the reference (icon_registration.carl): ``make_network_<variant>``
 VARIANTS = ("final_final", "final")
@@ -47,7 +47,7 @@ def _first(dimension: int, width: float, first_step: str) -> FunctionFromVectorF
 
 
 def _psi(dimension: int, width: float) -> FunctionFromVectorField:
-    return FunctionFromVectorField(UNet(dimension, width))
+    return FunctionFromVectorField(UNet(dimension, width), in_unit_shape_frame=True)
 
 
 def build_carl(
@@ -111,3 +111,22 @@ def build_from_config(config: CARLConfig) -> RegistrationModule:
     return build_carl(
         config.dimension, config.input_shape, config.variant, config.fourth_step, config.width, config.first_step
     )
+
+
+def set_box(net: RegistrationModule, shape: Sequence[int]) -> None:
+    """Run a CARL network on a box of ``shape`` (tensor order) instead of the one it was trained on.
+
+    The U-Nets' displacements stay in the training box's frame (:mod:`carlreg.network.wrappers`),
+    so the network's steps keep their size in voxels; Ξ's attention works on any box. A box
+    that covers both images (:func:`carlreg.geometry.covering_box`) loses no content at its edge.
+    ``set_box(net, net.config.input_shape)`` restores the trained box.
+    """
+    config = getattr(net, "config", None)
+    if not isinstance(config, CARLConfig):
+        raise ValueError(f"set_box(): expected a network from build_carl (with its CARLConfig), got {type(net).__name__}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != config.dimension or min(shape) < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"set_box(): shape must be {config.dimension} sizes of at least {MIN_INPUT_SIZE} voxels, got {list(shape)}"
+        )
+    net.set_input_shape(shape, config.input_shape)

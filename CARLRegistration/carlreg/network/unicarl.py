@@ -237,8 +237,8 @@ class BlurredRegistration(RegistrationModule):
         self.net = net
         self.sigma = int(sigma)
 
-    def set_input_shape(self, input_shape: Sequence[int]) -> None:
-        super().set_input_shape(input_shape)
+    def set_input_shape(self, input_shape: Sequence[int], unit_shape: Optional[Sequence[int]] = None) -> None:
+        super().set_input_shape(input_shape, unit_shape)
         for axis, size in enumerate(self.input_shape):
             for name, matrix in zip(("replicate", "mirror"), blur_matrices(size, self.sigma)):
                 matrix = matrix.to(device=self.identity_map.device, dtype=torch.float32)
@@ -386,8 +386,8 @@ class FeatureAttentionRegistration(RegistrationModule):
         self.cross2 = UnusedCrossAttention()
         self.feature_padding = IMAGE_PADDING // FEATURE_DOWNSCALE
 
-    def set_input_shape(self, input_shape: Sequence[int]) -> None:
-        super().set_input_shape(input_shape)
+    def set_input_shape(self, input_shape: Sequence[int], unit_shape: Optional[Sequence[int]] = None) -> None:
+        super().set_input_shape(input_shape, unit_shape)
         device = self.identity_map.device
         shape = [math.ceil(n / FEATURE_DOWNSCALE) for n in self.input_shape]
         if min(shape) < 2:

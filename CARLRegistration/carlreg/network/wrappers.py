@@ -12,11 +12,17 @@ map in the unit frame, with ``A ∘ phi_AB ≈ B``:
 Each module owns its identity grid as a non-persistent buffer (it moves with
 ``.to(device)`` and stays out of checkpoints); ``set_input_shape`` assigns it
 down the tree, halving (ceil) below a :class:`Down`.
+
+The input shape is the network's box; the *unit shape* is the grid whose unit frame the
+displacement-predicting U-Nets were trained in (the shape of the training box, ``CARLConfig``'s
+``input_shape``). A U-Net's output is a displacement in that frame, rescaled to the current
+box's: a box grown at inference (to cover both images, see :func:`carlreg.network.build.set_box`)
+keeps each step's displacements the same in voxels, and at the unit shape nothing changes.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +44,27 @@ class RegistrationModule(nn.Module):
         super().__init__()
         self.input_shape: Tuple[int, ...] = ()
 
-    def set_input_shape(self, input_shape: Sequence[int]) -> None:
-        """Assign the spatial input shape (tensor order) to this module and its children."""
+    def set_input_shape(self, input_shape: Sequence[int], unit_shape: Optional[Sequence[int]] = None) -> None:
+        """Assign the spatial input shape (tensor order) to this module and its children.
+
+        ``unit_shape``: the grid the U-Nets' displacements are expressed in (default: ``input_shape``).
+        """
         self.input_shape = tuple(int(n) for n in input_shape)
+        self.unit_shape = self.input_shape if unit_shape is None else tuple(int(n) for n in unit_shape)
+        if len(self.unit_shape) != len(self.input_shape):
+            raise ValueError(
+                f"set_input_shape(): unit_shape {list(self.unit_shape)} and input_shape {list(self.input_shape)} "
+                "must have as many axes"
+            )
         device = next((b.device for b in self.buffers()), None)
         self.register_buffer(
             "identity_map", identity_map(self.input_shape, device=device), persistent=False
         )
         child_shape = tuple(math.ceil(n / self.downscale_factor) for n in self.input_shape)
+        child_unit = tuple(math.ceil(n / self.downscale_factor) for n in self.unit_shape)
         for child in self.children():
             if isinstance(child, RegistrationModule):
-                child.set_input_shape(child_shape)
+                child.set_input_shape(child_shape, child_unit)
 
     def transform(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
         raise NotImplementedError
@@ -69,14 +85,35 @@ class RegistrationModule(nn.Module):
 
 
 class FunctionFromVectorField(RegistrationModule):
-    """Wraps a network predicting a ``(B, D, *S)`` displacement (unit frame) as ``x ↦ x + u(x)``."""
+    """Wraps a network predicting a ``(B, D, *S)`` displacement as ``x ↦ x + u(x)``.
 
-    def __init__(self, net: nn.Module) -> None:
+    ``in_unit_shape_frame``: the network's output is in the unit frame of the unit shape
+    (:meth:`set_input_shape`; a U-Net's, whose convolutions see voxels), and ``u`` is it times
+    ``(unit − 1) / (input − 1)`` per axis; otherwise (Ξ's attention, which returns coordinates of
+    the grid it is given) it is ``u`` as is.
+    """
+
+    displacement_scale: Optional[torch.Tensor]
+
+    def __init__(self, net: nn.Module, in_unit_shape_frame: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.in_unit_shape_frame = in_unit_shape_frame
+
+    def set_input_shape(self, input_shape: Sequence[int], unit_shape: Optional[Sequence[int]] = None) -> None:
+        super().set_input_shape(input_shape, unit_shape)
+        scale = [(u - 1) / (n - 1) for u, n in zip(self.unit_shape, self.input_shape)]
+        buffer = None
+        if self.in_unit_shape_frame and any(s != 1 for s in scale):
+            view = (1, len(scale)) + (1,) * len(scale)
+            buffer = torch.tensor(scale, dtype=torch.float32, device=self.identity_map.device).view(view)
+        self.register_buffer("displacement_scale", buffer, persistent=False)
 
     def transform(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
-        return DisplacementMap(self.net(moving, fixed))
+        displacement = self.net(moving, fixed)
+        if self.displacement_scale is not None:
+            displacement = displacement * self.displacement_scale.to(displacement.dtype)
+        return DisplacementMap(displacement)
 
 
 class TwoStep(RegistrationModule):
