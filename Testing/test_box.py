@@ -12,6 +12,7 @@ import torch
 
 from carlreg.geometry import covering_box
 from carlreg.network import FunctionFromVectorField, build_carl, set_box
+from carlreg.pipeline import register
 
 SHAPE = (64, 64)
 GROWN = (96, 96)
@@ -120,29 +121,58 @@ def _template_pair():
     return moving, fixed
 
 
-def _equivariance_error_mm(pipeline, moving, moved, fixed) -> float:
+def _equivariance_error_mm(moving, moved, fixed, network_box: str) -> float:
     """Mean over the fixed head of |u_moved(x) − (u(x) + 60 mm x)|: how far the map of the moved
     head is from the map of the head where it was, moved (CARL's promise, exact up to the U-Nets'
     stride-2 grids)."""
     head = sitk.GetArrayFromImage(sitk.OtsuThreshold(fixed, 0, 1)) > 0
     fields = [
-        sitk.GetArrayFromImage(pipeline.register(m, fixed, "carl-brain-3d", modality="mr", device="cpu")
+        sitk.GetArrayFromImage(register(m, fixed, "carl-brain-3d", modality="mr", device="cpu", network_box=network_box)
                                .transform.GetDisplacementField())[head]
         for m in (moving, moved)
     ]
     return float(np.linalg.norm(fields[1] - fields[0] - [OFFSET_MM, 0.0, 0.0], axis=-1).mean())
 
 
-def test_a_large_offset_stays_in_view_on_the_grown_box(monkeypatch):
+def test_a_large_offset_stays_in_view_on_the_grown_box():
     """The map of a real head moved 60 mm is the map of the head in place, moved, when
-    carl-brain-3d runs on the box grown to hold both images; on its trained box (192 mm wide) the
-    moved head is cut at the edge and the map is not."""
-    import carlreg.pipeline as pipeline
-
+    carl-brain-3d runs on the box grown to hold both images (``network_box="cover"``); on the box
+    it was trained on (192 mm wide, the default) the moved head is cut at the edge and it is not."""
     moved, fixed = _template_pair()
-    grown = _equivariance_error_mm(pipeline, fixed, moved, fixed)
-    monkeypatch.setattr(pipeline, "MAX_BOX_FACTOR", 1)
-    trained = _equivariance_error_mm(pipeline, fixed, moved, fixed)
+    grown = _equivariance_error_mm(fixed, moved, fixed, "cover")
+    trained = _equivariance_error_mm(fixed, moved, fixed, "trained")
     # measured 1.55 mm (half a network voxel) and 6.0 mm on 2026-11-27
     assert grown < 2.5, (grown, trained)
     assert trained > 2 * grown, (grown, trained)
+
+
+def test_a_run_on_a_grown_box_keeps_the_unit_frame_of_its_input_shape(tmp_path):
+    """Training on a box larger than ``input_shape`` (room for large shifts): the checkpoint loads
+    as a network of ``input_shape`` that, set to the same box, computes what the trained one does."""
+    from conftest import shared_data_path
+
+    from carlreg.models import load_model
+    from carlreg.train import TrainConfig, train
+
+    config = TrainConfig(
+        data_folder=str(shared_data_path("synthseg_label_maps")), input_shape=(40, 40, 40), box_shape=(48, 48, 40),
+        spacing_mm=5.0, max_shift=4, width=0.125, batch_size=1, diffusion_steps=0, steps=1, checkpoint_every=1,
+        validate_every=0, output=str(tmp_path / "run"),
+    )
+    trained = train(config).eval()
+    assert trained.input_shape == (48, 48, 40) and trained.unit_shape == (40, 40, 40)
+    loaded = load_model(tmp_path / "run" / "checkpoint.pt", "cpu")
+    assert loaded.input_shape == (40, 40, 40) and loaded.config.trained_box == (48, 48, 40)
+    # on a real head (182 × 218 × 182 mm; at 5 mm, 218 mm needs 45 voxels → 48) the pipeline grows
+    # the box to hold it, within the box the model was trained on
+    template = shared_data_path("brain_templates", "antspy", "mni.nii.gz")
+    result = register(template, template, loaded, modality="mr", device="cpu", field_spacing_mm=8.0)
+    assert tuple(result.fixed_to_moving_unit.shape[2:]) == (40, 48, 40)
+    assert loaded.input_shape == (40, 40, 40)  # and gives the model back as it was
+    set_box(loaded, (48, 48, 40))
+    generator = torch.Generator().manual_seed(3)
+    moving, fixed = (torch.rand((1, 1, 48, 48, 40), generator=generator) for _ in range(2))
+    with torch.no_grad():
+        assert torch.allclose(trained(moving, fixed), loaded(moving, fixed), atol=1e-6)
+    with pytest.raises(ValueError, match="box_shape is for synthseg3d boxes"):
+        train(TrainConfig(data="pairs", input_shape=(40, 40, 40), box_shape=(48, 48, 48), output=str(tmp_path / "pairs")))

@@ -13,7 +13,9 @@ and peak memory (resident set) of a fresh process per run.
 - none: the identity in physical space.
 - ours: ``carlreg.register`` with a model (default ``carl-brain-3d``); ours_svf: with the
   refinement by a velocity field (``io_mode="svf"``, default settings); ours_io: with the paper's
-  instance optimization of the weights (``io_mode="network"``, ``--io-steps``).
+  instance optimization of the weights (``io_mode="network"``, ``--io-steps``); ours_cover: with
+  the network's box grown to hold both images beyond the box the model was trained on
+  (``network_box="cover"``).
 - displacement_only: the same with the displacement-only network trained the same way
   (``--unet-model``, default ``unet-brain-3d``; the paper's variant 1).
 - ANTs SyN and Elastix (affine + B-spline), each with its defaults (``bench/baselines.py``); the
@@ -23,10 +25,10 @@ The translation sweep (``--sweep``, the paper's Fig. 4): pair 19 → 20 with the
 and content) moved so that the brains' centroids coincide, then its content shifted by 0, 10, …,
 60 mm along each axis within its grid (what leaves the field of view is lost, as a scan placed
 differently would lose it); ours, the displacement-only network trained the same way
-(``--unet-model``), ANTs and Elastix.
+(``--unet-model``), ANTs and Elastix (``--methods`` also takes ours_cover). Dice and folding.
 
-Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_svf,ours_io,displacement_only,ants,elastix] [--background dark|random]
-       python bench/brain.py --sweep [--model ...] [--unet-model ...]
+Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_cover,ours_svf,ours_io,displacement_only,ants,elastix] [--background dark|random]
+       python bench/brain.py --sweep [--model ...] [--unet-model ...] [--methods ...] [--output brain_sweep]
 Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png}.
 """
 from __future__ import annotations
@@ -62,12 +64,15 @@ from carlreg.registry import available_models, model_card  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 LABEL_MAPS = REPO.parent / "shared" / "data" / "synthseg_label_maps"
 SHAPE, SPACING_MM = (128, 128, 128), 2.0
-METHODS = ("none", "ours", "ours_svf", "ours_io", "displacement_only", "ants", "elastix")
+METHODS = ("none", "ours", "ours_cover", "ours_svf", "ours_io", "displacement_only", "ants", "elastix")
 #: the accuracy table's methods by default (bench/results/brain.json, whose figures the brain
 #: models' cards carry); the refinement's table: --methods none,ours,ours_svf,ants,elastix --output brain_refine
 DEFAULT_METHODS = ("none", "ours", "ours_io", "displacement_only", "ants", "elastix")
 #: the instance-optimization mode of each of our methods (register()'s io_mode)
 IO_MODES = {"ours_svf": "svf", "ours_io": "network"}
+#: our methods whose network box grows beyond the one it was trained on (register()'s network_box)
+COVER_METHODS = ("ours_cover",)
+OUR_METHODS = ("ours", "ours_cover", "ours_svf", "ours_io", "displacement_only")
 #: the test set's name in the result JSON and the model cards
 TEST_SET = "subjects 19-20"
 #: the translation sweep: shifts of the fixed image's content (mm) along each axis, methods
@@ -157,11 +162,12 @@ def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, w
     if method == "none":
         warped = sitk.Resample(moving_labels, fixed_labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         field = _identity_field(fixed_image)
-    elif method in ("ours", "ours_svf", "ours_io", "displacement_only"):
+    elif method in OUR_METHODS:
         from carlreg.pipeline import register
 
         result = register(moving_image, fixed_image, model, modality="max", device="cpu",
-                          io_mode=IO_MODES.get(method, "none"), io_steps=io_steps, moving_labels=moving_labels)
+                          io_mode=IO_MODES.get(method, "none"), io_steps=io_steps, moving_labels=moving_labels,
+                          network_box="cover" if method in COVER_METHODS else "trained")
         warped, field = result.warped_labels, result.transform.GetDisplacementField()
     elif method in ("ants", "elastix"):
         run = ants_syn if method == "ants" else elastix_affine_bspline
@@ -204,10 +210,13 @@ def sweep(model: str, unet_model: str, methods, output: str) -> None:
     lines = [f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
              f"{versions()}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures",
              f"{'axis':<9} {'method':<18} " + " ".join(f"{s:>5}mm" for s in SWEEP_SHIFTS_MM)]
-    for axis_name in AXES:
-        for method in methods:
-            values = [r["dice"] for r in rows if r["axis"] == axis_name and r["method"] == method]
-            lines.append(f"{axis_name:<9} {method:<18} " + " ".join(f"{v:7.3f}" for v in values))
+    for key, title in (("dice", None), ("folding_percent", "folding % (Jacobian determinant ≤ 0)")):
+        if title:
+            lines.append(f"{title}:")
+        for axis_name in AXES:
+            for method in methods:
+                values = [r[key] for r in rows if r["axis"] == axis_name and r["method"] == method]
+                lines.append(f"{axis_name:<9} {method:<18} " + " ".join(f"{v:7.3f}" for v in values))
     text = "\n".join(lines)
     print(text)
     (RESULTS / f"{output}.txt").write_text(text + "\n")
@@ -263,7 +272,7 @@ def main(argv=None) -> None:
     methods = [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m]
     args.output = args.output or "brain"
     names = {method: args.unet_model if method == "displacement_only" else args.model
-             for method in methods if method in ("ours", "ours_svf", "ours_io", "displacement_only")}
+             for method in methods if method in OUR_METHODS}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-brain-data-") as folder:
         for moving, fixed in make_pairs(Path(folder), background=args.background):

@@ -8,7 +8,12 @@ records their SHA256; rerunning the script reproduces the card). So shipping tak
 ship (card without metrics), run the bench script, ship again. All three files are written
 under temporary names and renamed together.
 
+``--refresh`` rewrites a shipped model's card (metrics, input text) from the bench JSON and its
+committed training config, without the run folder (which stays on the machine that trained):
+for a change of the engine that changes the figures of the same weights.
+
 Usage: python weights/ship.py NAME [--run weights/training/NAME] [--metrics bench/results/X.json]
+       python weights/ship.py NAME --refresh [--metrics bench/results/X.json]
 """
 from __future__ import annotations
 
@@ -97,26 +102,49 @@ def _initialised_from(name: str, config: dict):
     return {"file": source, "step": int(state["step"]) if "step" in state else None}
 
 
+def _metrics_of(name: str, sha256: str, metrics_path: Path) -> dict:
+    """The card's metrics: the bench JSON's figures for these weights, or what is pending."""
+    info = MODELS[name]
+    card_metrics = {"source": f"pending: ship, run python bench/{metrics_path.stem}.py, ship again"}
+    if not metrics_path.is_file():
+        return card_metrics
+    metrics = json.loads(metrics_path.read_text())
+    method = info["metrics_method"]
+    if metrics["models"].get(method) != name or metrics["weights_sha256"].get(method) != sha256:
+        return card_metrics
+    card_metrics = {
+        "source": f"{metrics_path.relative_to(REPO)} (rerun: python bench/{metrics_path.stem}.py)",
+        "test_pairs": metrics["summary"][method],
+        "no_registration": metrics["summary"]["none"],
+    }
+    io_method = info.get("io_method")
+    if io_method in metrics["summary"] and metrics["weights_sha256"].get(io_method) == sha256:
+        card_metrics["with_instance_optimization"] = dict(metrics["summary"][io_method], steps=metrics["io_steps"])
+    return card_metrics
+
+
+def _preprocessing(name: str, config: dict) -> str:
+    return MODELS[name]["preprocessing"].format(
+        shape=" × ".join(map(str, config["input_shape"])), spacing_mm=config.get("spacing_mm"),
+        background=BACKGROUND_TEXT[config.get("background", "random")])
+
+
+def refreshed_card(name: str, metrics_path: Path) -> dict:
+    """The shipped card with its metrics and input text recomputed (``--refresh``)."""
+    card = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+    if sha256_of(WEIGHTS_DIR / card["file"]) != card["sha256"]:
+        raise SystemExit(f"ship.py --refresh: {card['file']} does not match its card's SHA256")
+    config = json.loads((REPO / card["training"]["config"]).read_text())
+    return dict(card, preprocessing=_preprocessing(name, config), metrics=_metrics_of(name, card["sha256"], metrics_path))
+
+
 def card_for(name: str, run: Path, metrics_path: Path) -> dict:
     info = MODELS[name]
     config = json.loads((run / "config.json").read_text())
     # the training log: one record per step (their seconds add up to the wall-clock time)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     sha256 = sha256_of(run / "model.pt")
-    card_metrics = {"source": f"pending: ship, run python bench/{metrics_path.stem}.py, ship again"}
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        method = info["metrics_method"]
-        if metrics["models"].get(method) == name and metrics["weights_sha256"].get(method) == sha256:
-            card_metrics = {
-                "source": f"{metrics_path.relative_to(REPO)} (rerun: python bench/{metrics_path.stem}.py)",
-                "test_pairs": metrics["summary"][method],
-                "no_registration": metrics["summary"]["none"],
-            }
-            io_method = info.get("io_method")
-            if io_method in metrics["summary"] and metrics["weights_sha256"].get(io_method) == sha256:
-                card_metrics["with_instance_optimization"] = dict(
-                    metrics["summary"][io_method], steps=metrics["io_steps"])
+    card_metrics = _metrics_of(name, sha256, metrics_path)
     return {
         "name": name,
         "title": info["title"],
@@ -131,11 +159,11 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "first_step": config["first_step"],
             # synthseg3d trains on boxes of a physical spacing; the other sources resize whole arrays
             "input_spacing_mm": config["spacing_mm"] if config["data"] == "synthseg3d" else None,
+            # the largest box it was trained on (carlreg.network.CARLConfig.trained_box)
+            "box_shape": config.get("box_shape") or None,
         },
         "modality": info["modality"],
-        "preprocessing": info["preprocessing"].format(
-            shape=" × ".join(map(str, config["input_shape"])), spacing_mm=config.get("spacing_mm"),
-            background=BACKGROUND_TEXT[config.get("background", "random")]),
+        "preprocessing": _preprocessing(name, config),
         "training": {
             "data": config["data"],
             "retina_variant": config.get("retina_variant") if config["data"] == "drive2d" else None,
@@ -213,16 +241,22 @@ def main(argv=None) -> None:
     parser.add_argument("name", choices=sorted(MODELS))
     parser.add_argument("--run", type=Path, help="training run folder (default: the model's run, else weights/training/NAME)")
     parser.add_argument("--metrics", type=Path, help="bench result JSON (default: the model's)")
+    parser.add_argument("--refresh", action="store_true", help="rewrite the shipped card only (no run folder needed)")
     args = parser.parse_args(argv)
-    run = args.run or REPO / MODELS[args.name].get("run", f"weights/training/{args.name}")
     metrics = (args.metrics or REPO / MODELS[args.name]["metrics_file"]).resolve()
-    card = card_for(args.name, run, metrics)
     target = WEIGHTS_DIR
+    if args.refresh:
+        card = refreshed_card(args.name, metrics)
+    else:
+        run = args.run or REPO / MODELS[args.name].get("run", f"weights/training/{args.name}")
+        card = card_for(args.name, run, metrics)
     with atomic_outputs() as reserve:
-        shutil.copyfile(run / "model.pt", reserve(target / card["file"]))
+        if not args.refresh:
+            shutil.copyfile(run / "model.pt", reserve(target / card["file"]))
         reserve(target / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
         reserve(target / f"{args.name}.md").write_text(markdown(card))
-    print(f"shipped {args.name}: {target / card['file']} ({card['sha256'][:12]}…), card {args.name}.json/.md")
+    print(f"{'refreshed' if args.refresh else 'shipped'} {args.name}: {target / card['file']} "
+          f"({card['sha256'][:12]}…), card {args.name}.json/.md")
 
 
 if __name__ == "__main__":

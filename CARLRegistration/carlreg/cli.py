@@ -116,6 +116,9 @@ def _register_parser() -> argparse.ArgumentParser:
                         help="--io-mode svf: the finest level's grid spacing in mm (default 2)")
     parser.add_argument("--refine-regularization", type=float,
                         help="--io-mode svf: weight of the velocity's smoothness (default 1)")
+    parser.add_argument("--network-box", choices=["trained", "cover"], default="trained",
+                        help="grow the network's box to hold both images up to the box the model was trained on "
+                             "(default) or up to twice its input shape (more capture range, may fold in the background)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--field-spacing", type=float, help="transform grid spacing in mm (default: the fixed image's)")
@@ -177,7 +180,7 @@ def register_main(argv: Optional[List[str]] = None) -> int:
             device=args.device, inverse=bool(args.out_inverse), inverse_method=args.inverse_method,
             progress=progress_printer(args.progress),
             field_spacing_mm=args.field_spacing, field_extent=args.field_extent, precision=args.precision,
-            moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
+            network_box=args.network_box, moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
             fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
             landmarks_coordinate_system=args.landmarks_coordinate_system,
         )

@@ -6,7 +6,8 @@ A shipped model is ``carlreg/weights/<name>.pt`` (a state_dict) beside its model
     {"name": ..., "file": "<name>.pt", "sha256": ...,
      "architecture": {"dimension": 3, "input_shape": [z, y, x], "variant": "final_final",
                       "fourth_step": false, "width": 0.25, "first_step": "attention",
-                      "input_spacing_mm": 3.0},   # optional: None resizes whole arrays
+                      "input_spacing_mm": 3.0,    # optional: None resizes whole arrays
+                      "box_shape": [z, y, x]},    # optional: the largest box it was trained on
      "modality": "mr", ...}
 
 A card whose architecture's ``family`` is ``"unicarl"`` describes the authors' uniCARL
@@ -44,6 +45,7 @@ def _config_from_architecture(architecture: Dict, source: str) -> CARLConfig:
             fourth_step=bool(architecture.get("fourth_step", False)),
             width=float(architecture.get("width", 1.0)),
             first_step=str(architecture.get("first_step", "attention")),
+            trained_box=tuple(int(n) for n in architecture.get("box_shape") or ()),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"load_model(): {source} has no valid architecture (dimension, input_shape, ...): {err}") from err

@@ -118,19 +118,22 @@ def _network_tensor(oriented: sitk.Image, network: nn.Module, modality: str, sha
     return network_input(oriented, modality, shape, spacing_mm, what)
 
 
-#: a box grown to cover both images stays within this many times the trained box per axis
+#: the values of register()'s ``network_box``
+NETWORK_BOXES = ("trained", "cover")
+#: ``network_box="cover"`` grows the box up to this many times the model's input shape per axis
 MAX_BOX_FACTOR = 2
 
 
-def _network_box(network: nn.Module, images, spacing_mm: Optional[float]) -> Tuple[int, ...]:
-    """The box the network runs on: for CARL networks at a physical spacing, grown from the
-    trained box to cover both images (:func:`carlreg.geometry.covering_box`: no content is cut
-    at its edge, so large offsets stay in view); for the others their own input shape."""
+def _network_box(network: nn.Module, images, spacing_mm: Optional[float], network_box: str) -> Tuple[int, ...]:
+    """The box the network runs on. CARL networks at a physical spacing grow theirs from the input
+    shape to hold both images whole (:func:`carlreg.geometry.covering_box`), up to the largest box
+    they were trained on (``"trained"``) or up to twice the input shape (``"cover"``); the others
+    keep their own input shape."""
     config = getattr(network, "config", None)
     if spacing_mm is None or not isinstance(config, CARLConfig):
         return tuple(int(n) for n in network.input_shape)
-    trained = config.input_shape
-    return covering_box(images, spacing_mm, trained, [MAX_BOX_FACTOR * n for n in trained])
+    largest = config.largest_box if network_box == "trained" else [MAX_BOX_FACTOR * n for n in config.input_shape]
+    return covering_box(images, spacing_mm, config.input_shape, largest)
 
 
 @contextlib.contextmanager
@@ -221,7 +224,9 @@ def _warped_labels_and_dice(moving_labels, fixed_labels, fixed: sitk.Image, tran
     return warped, dice
 
 
-def _check_options(inverse_method: str, field_extent: str, io_mode: str) -> None:
+def _check_options(inverse_method: str, field_extent: str, io_mode: str, network_box: str) -> None:
+    if network_box not in NETWORK_BOXES:
+        raise ValueError(f"register(): network_box must be 'trained' or 'cover', got {network_box!r}")
     if io_mode not in IO_MODES:
         raise ValueError(f"register(): io_mode must be 'none', 'svf' or 'network', got {io_mode!r}")
     if inverse_method not in INVERSE_METHODS:
@@ -297,6 +302,7 @@ def register(
     landmarks_coordinate_system: Optional[str] = None,
     inverse_method: str = "exact",
     field_extent: str = "fixed",
+    network_box: str = "trained",
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; each keeps its own geometry (no pre-alignment needed).
 
@@ -304,8 +310,8 @@ def register(
     network's input grid (:func:`carlreg.geometry.to_network`: sampled at the model's
     ``input_spacing_mm`` on a grid centred on the image, or its whole array resized), and the
     network's map is turned into a physical displacement field on the fixed image's own grid.
-    A CARL network at a physical spacing runs on a box grown from its trained one to hold both
-    images whole (at most twice it per axis), so that no content is cut at the box's edge.
+    A CARL network at a physical spacing runs on a box grown from its input shape to hold both
+    images whole, so that no content is cut at its edge, up to the largest box it was trained on.
 
     Args:
         moving, fixed: images or paths (anything SimpleITK reads, or a DICOM folder).
@@ -325,13 +331,17 @@ def register(
             on the same lattice, grows to cover the moving image's extent too, so that ITK and
             Slicer agree there as well (the warped image is the same; folding is counted over the
             fixed extent).
+        network_box: ``trained``: the box grows up to the largest the model was trained on;
+            ``cover``: up to twice its input shape, beyond what it was trained on (the shipped brain
+            model, trained on a 192 mm box, then holds offsets of 60 mm in view but folds its
+            map in the background: bench/brain.py --sweep, README).
         precision: ``fp32`` or ``bf16`` for the network.
         moving_labels, fixed_labels: label maps for the warped label map and Dice.
         fixed_landmarks, moving_landmarks: ``.fcsv``/``.mrk.json``/``.csv`` files for the TRE
             (``landmarks_coordinate_system``, RAS or LPS, for CSV).
     """
     started = time.perf_counter()
-    _check_options(inverse_method, field_extent, io_mode)
+    _check_options(inverse_method, field_extent, io_mode, network_box)
     refine_settings.check()
     device = resolve_device(device)
     reporter = StageReporter("loading", 1, progress, should_cancel)
@@ -345,7 +355,7 @@ def register(
             )
     spacing_mm = getattr(network, "input_spacing_mm", None)
     moving_oriented, fixed_oriented = _oriented(moving, network, "moving image"), _oriented(fixed, network, "fixed image")
-    shape = _network_box(network, (moving_oriented, fixed_oriented), spacing_mm)
+    shape = _network_box(network, (moving_oriented, fixed_oriented), spacing_mm, network_box)
     moving_tensor, fixed_tensor = (
         _network_tensor(image, network, modality, shape, spacing_mm, what)
         for image, what in ((moving_oriented, "moving image"), (fixed_oriented, "fixed image"))

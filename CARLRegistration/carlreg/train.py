@@ -34,7 +34,7 @@ from .io import atomic_outputs
 from .losses import make_objective
 from .maps import sample
 from .metrics import mean_dice
-from .network import build_carl
+from .network import build_carl, set_box
 from .progress import CancelCheck, ProgressCallback, StageReporter
 from .retina import DriveSource
 
@@ -60,6 +60,11 @@ class TrainConfig:
     #: synthseg3d: the synthesised background, random or dark (see carlreg.data.BACKGROUNDS)
     background: str = "random"
     input_shape: Tuple[int, ...] = (80, 96, 80)
+    #: synthseg3d: the box the network trains on (tensor order; () for ``input_shape``): larger,
+    #: it holds the head with room for large shifts. The U-Nets' displacements stay in
+    #: ``input_shape``'s frame (:func:`carlreg.network.set_box`), so weights trained on one box
+    #: carry over to another, and the model card's ``input_shape`` stays the smallest box.
+    box_shape: Tuple[int, ...] = ()
     spacing_mm: float = 2.2
     max_shift: int = 8
     variant: str = "final_final"
@@ -88,9 +93,15 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig: unknown settings {unknown}; known: {sorted(known)}")
         values = dict(values)
-        if "input_shape" in values:
-            values["input_shape"] = tuple(int(n) for n in values["input_shape"])
+        for key in ("input_shape", "box_shape"):
+            if key in values:
+                values[key] = tuple(int(n) for n in values[key])
         return cls(**values)
+
+    @property
+    def box(self) -> Tuple[int, ...]:
+        """The box the network trains on: ``box_shape``, or ``input_shape``."""
+        return tuple(self.box_shape) or tuple(self.input_shape)
 
 
 def _step_seed(seed: int, step: int, rank: int, world: int) -> int:
@@ -141,7 +152,7 @@ def _make_source(config: TrainConfig, split: str):
     if config.data != "synthseg3d":
         raise ValueError(f"train(): data source must be 'synthseg3d', 'drive2d' or 'pairs', got {config.data!r}")
     max_shift = config.max_shift if split == "train" else 0
-    return SynthSegSource(Path(config.data_folder), split, config.input_shape, config.spacing_mm, max_shift, config.background)
+    return SynthSegSource(Path(config.data_folder), split, config.box, config.spacing_mm, max_shift, config.background)
 
 
 @torch.no_grad()
@@ -182,9 +193,14 @@ def train(
     rank, world = _rank_and_world()
     output = Path(config.output)
     torch.manual_seed(config.seed)
+    if config.box != tuple(config.input_shape) and config.data != "synthseg3d":
+        raise ValueError(f"train(): box_shape is for synthseg3d boxes, not {config.data!r} data; leave it empty")
     model = build_carl(
-        len(config.input_shape), config.input_shape, config.variant, config.fourth_step, config.width, config.first_step
-    ).to(device)
+        len(config.input_shape), config.input_shape, config.variant, config.fourth_step, config.width, config.first_step,
+        config.box,
+    )
+    set_box(model, config.box)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start = 0
     if (output / CHECKPOINT).exists():

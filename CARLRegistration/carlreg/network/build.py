@@ -25,7 +25,9 @@ MIN_INPUT_SIZE = 33
 class CARLConfig:
     """Everything needed to rebuild a CARL network: stored beside its weights.
 
-    ``input_shape`` is the spatial shape in tensor order (z, y, x for 3-D).
+    ``input_shape`` is the spatial shape in tensor order (z, y, x for 3-D), the frame of the
+    U-Nets' displacements; ``trained_box`` the largest box the weights were trained on (empty:
+    ``input_shape``), the largest the pipeline grows the box to (:func:`set_box`).
     """
 
     dimension: int
@@ -34,6 +36,12 @@ class CARLConfig:
     fourth_step: bool = False
     width: float = 1.0
     first_step: str = "attention"
+    trained_box: Tuple[int, ...] = ()
+
+    @property
+    def largest_box(self) -> Tuple[int, ...]:
+        """``trained_box``, or ``input_shape``."""
+        return tuple(self.trained_box) or tuple(self.input_shape)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +65,7 @@ def build_carl(
     fourth_step: bool = False,
     width: float = 1.0,
     first_step: str = "attention",
+    trained_box: Sequence[int] = (),
 ) -> RegistrationModule:
     """Build CARL: Ξ at 1/4 resolution, Ψ1 at 1/2, Ψ2 at full resolution (and Ψ3 at full).
 
@@ -70,7 +79,8 @@ def build_carl(
     a baseline; it runs at 1/4 resolution, so inputs need at least 65 voxels per axis).
     Calling the result on ``(B, 1, *input_shape)`` moving and fixed images
     returns the ``(B, D, *input_shape)`` fixed → moving map, unit frame; the
-    network's ``config`` (:class:`CARLConfig`) and ``input_shape`` describe it.
+    network's ``config`` (:class:`CARLConfig`) and ``input_shape`` describe it. ``trained_box``:
+    the largest box its weights are trained for (:class:`CARLConfig`).
     """
     input_shape = tuple(int(n) for n in input_shape)
     if dimension not in (2, 3):
@@ -102,14 +112,17 @@ def build_carl(
     if fourth_step:
         net = TwoStep(net, _psi(dimension, width))
     net.set_input_shape(input_shape)
-    net.config = CARLConfig(dimension, input_shape, variant, bool(fourth_step), float(width), first_step)
+    net.config = CARLConfig(
+        dimension, input_shape, variant, bool(fourth_step), float(width), first_step, tuple(int(n) for n in trained_box)
+    )
     return net
 
 
 def build_from_config(config: CARLConfig) -> RegistrationModule:
     """``build_carl`` from a stored :class:`CARLConfig`."""
     return build_carl(
-        config.dimension, config.input_shape, config.variant, config.fourth_step, config.width, config.first_step
+        config.dimension, config.input_shape, config.variant, config.fourth_step, config.width, config.first_step,
+        config.trained_box,
     )
 
 
