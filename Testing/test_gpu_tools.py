@@ -144,3 +144,17 @@ def test_a_reduced_label_map_reads_as_the_original_on_the_training_grid(tmp_path
     reduced = tmp_path / "reduced" / "training_seg_16.nii.gz"
     assert reduced.stat().st_size < (folder / "training_seg_16.nii.gz").stat().st_size / 10
     assert (tmp_path / "reduced" / "labels_table.txt").read_text() == (folder / "labels_table.txt").read_text()
+
+
+def test_a_burst_config_starts_from_shipped_weights_never_from_a_run_checkpoint(tmp_path):
+    """The capture-range recipe starts from the shipped weights (in the tree, so on the GPU
+    machine too); a recipe starting from a run's checkpoint (which stays where it trained) starts
+    from scratch there. Both load as training configs with the carry's data folder."""
+    from carlreg.train import TrainConfig
+
+    capture = gpu_carry.write_train_config(gpu_carry.TRAIN_RECIPE, tmp_path / "capture.json", ".gpu-carry/data/x")
+    assert capture["init_from"] == "CARLRegistration/carlreg/weights/carl-brain-3d.pt"
+    config = TrainConfig.from_dict(capture)
+    assert config.box == (96, 104, 88) and config.data_folder == ".gpu-carry/data/x" and config.output == "runs/gpu-burst"
+    dark = gpu_carry.write_train_config(REPO / "weights" / "training" / "carl-brain-3d-dark.json", tmp_path / "dark.json", "d")
+    assert dark["init_from"] == "" and TrainConfig.from_dict(dark).box == (64, 72, 64)

@@ -12,10 +12,12 @@ registry and has no ../shared. The folder (git-ignored, sent with the tool's ``c
 - ``wheels/``: pure-Python wheels, unzipped as they are (the reference implementation,
   icon_registration; its other imports are already on that machine);
 - ``data/``, laid out as ../shared/data: the MONAI pair, the MRBrainTumor pair (bench/forward.py's
-  inputs) and the SynthSeg label maps resampled onto the training grid of the shipped model's
-  recipe (weights/training/carl-brain-3d-dark.json): the same training code reads them and gets
-  the same label tensors on that grid (checked here map by map);
-- ``train-config.json``: that recipe with ``data_folder`` pointed at ``data/`` (a training burst:
+  inputs) and the SynthSeg label maps resampled onto the training box of the capture-range recipe
+  (weights/training/carl-brain-3d-capture.json: the shipped model's weights fine-tuned on a box
+  that holds the head with ±30 mm shifts of each image): the same training code reads them and
+  gets the same label tensors on that box (checked here map by map);
+- ``train-config.json``: that recipe with ``data_folder`` pointed at ``data/`` (a training burst,
+  started from the shipped weights, which are in the tree:
   ``python3 -m carlreg train --config .gpu-carry/train-config.json --device cuda --max-minutes 5``).
 
 The total (tree + carry) is printed; the script fails over 60 MiB. Wheels are downloaded into
@@ -55,8 +57,8 @@ WHEEL_PLATFORM = (
 )
 PAIRS = ("tiny_fixtures/monai_anatomical_pair", "tiny_fixtures/slicer_mrbraintumor")
 LABEL_MAPS = "synthseg_label_maps"
-#: the recipe of the shipped model: its grid is the one the label maps are resampled onto
-TRAIN_RECIPE = REPO / "weights" / "training" / "carl-brain-3d-dark.json"
+#: the recipe of a burst: its box is the grid the label maps are resampled onto
+TRAIN_RECIPE = REPO / "weights" / "training" / "carl-brain-3d-capture.json"
 #: bytes of one ELF64 relocation record (offset, info, addend)
 RELA_RECORD = 24
 MASK_64 = 2**64 - 1
@@ -323,10 +325,13 @@ def reduce_label_maps(source: Path, target: Path, shape: Sequence[int], spacing_
 
 
 def write_train_config(recipe: Path, target: Path, data_folder: str) -> dict:
-    """The recipe with ``data_folder`` in the carry, a fresh output, and no starting checkpoint
-    (the recipe's is not in the tree): a burst from scratch on the GPU machine."""
+    """The recipe with ``data_folder`` in the carry and a fresh output; its starting weights kept
+    when they are a file of the tree (shipped weights), else dropped (a run's checkpoint stays on
+    the machine that trained): then a burst from scratch."""
     config = json.loads(recipe.read_text())
-    config.update(data_folder=data_folder, output="runs/gpu-burst", init_from="")
+    init_from = config.get("init_from", "")
+    tracked = bool(init_from) and (REPO / init_from).is_file() and not init_from.startswith("weights/training/")
+    config.update(data_folder=data_folder, output="runs/gpu-burst", init_from=init_from if tracked else "")
     target.write_text(json.dumps(config, indent=2) + "\n")
     return config
 
@@ -342,7 +347,8 @@ def build_carry(out: Path, reference: str, downloads: Path) -> None:
     data = out / "data"
     copy_pairs(SHARED, data)
     recipe = json.loads(TRAIN_RECIPE.read_text())
-    reduce_label_maps(SHARED / LABEL_MAPS, data / LABEL_MAPS, recipe["input_shape"], recipe["spacing_mm"])
+    reduce_label_maps(SHARED / LABEL_MAPS, data / LABEL_MAPS, recipe.get("box_shape") or recipe["input_shape"],
+                      recipe["spacing_mm"])
     relative = os.path.relpath(data / LABEL_MAPS, REPO)
     write_train_config(TRAIN_RECIPE, out / "train-config.json", relative)
 
