@@ -13,24 +13,12 @@ import torch
 from carlreg.geometry import covering_box
 from carlreg.network import FunctionFromVectorField, build_carl, set_box
 from carlreg.pipeline import register
+from test_equivariance import LocalConvNet  # a step equivariant to integer shifts: stride-1 convolutions
 
 SHAPE = (64, 64)
 GROWN = (96, 96)
 #: border band, in voxels of the small box, where the convolutions see its zero padding
 MARGIN = 8
-
-
-class LocalConvNet(torch.nn.Module):
-    """A displacement-predicting step equivariant to integer shifts: stride-1 convolutions."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(4)
-        self.first = torch.nn.Conv2d(2, 8, 5, padding="same")
-        self.second = torch.nn.Conv2d(8, 2, 5, padding="same")
-
-    def forward(self, moving, fixed):
-        return 0.05 * self.second(torch.tanh(self.first(torch.cat([moving, fixed], 1))))
 
 
 def _voxel_displacements(in_unit_shape_frame: bool):
