@@ -12,7 +12,8 @@ and peak memory (resident set) of a fresh process per run.
 
 - none: the identity in physical space.
 - ours: ``carlreg.register`` with a model (default ``carl-brain-3d``); ours_svf: with the
-  refinement by a velocity field (``io_mode="svf"``, default settings); ours_io: with the paper's
+  refinement by a velocity field (``io_mode="svf"``, default settings; ours_svf_4mm: its finest
+  level at 4 mm, ``--refine-spacing 4``); ours_io: with the paper's
   instance optimization of the weights (``io_mode="network"``, ``--io-steps``); ours_cover: with
   the network's box grown to hold both images beyond the box the model was trained on
   (``network_box="cover"``).
@@ -27,7 +28,7 @@ and content) moved so that the brains' centroids coincide, then its content shif
 differently would lose it); ours, the displacement-only network trained the same way
 (``--unet-model``), ANTs and Elastix (``--methods`` also takes ours_cover). Dice and folding.
 
-Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_cover,ours_svf,ours_io,displacement_only,ants,elastix] [--background dark|random]
+Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_cover,ours_svf,ours_svf_4mm,ours_io,displacement_only,ants,elastix] [--background dark|random]
        python bench/brain.py --sweep [--model ...] [--unet-model ...] [--methods ...] [--output brain_sweep]
 Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png}.
 """
@@ -59,20 +60,24 @@ from baselines import ants_syn, elastix_affine_bspline, versions  # noqa: E402
 from carlreg.data import BACKGROUNDS, BRAIN_LABEL_LIMIT, SPLITS, label_map_image, random_contrast, synthesize_image  # noqa: E402
 from carlreg.geometry import jacobian_determinant  # noqa: E402
 from carlreg.metrics import mean_dice  # noqa: E402
+from carlreg.refine import RefineSettings  # noqa: E402
 from carlreg.registry import available_models, model_card  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 LABEL_MAPS = REPO.parent / "shared" / "data" / "synthseg_label_maps"
 SHAPE, SPACING_MM = (128, 128, 128), 2.0
-METHODS = ("none", "ours", "ours_cover", "ours_svf", "ours_io", "displacement_only", "ants", "elastix")
+METHODS = ("none", "ours", "ours_cover", "ours_svf", "ours_svf_4mm", "ours_io", "displacement_only", "ants", "elastix")
 #: the accuracy table's methods by default (bench/results/brain.json, whose figures the brain
 #: models' cards carry); the refinement's table: --methods none,ours,ours_svf,ants,elastix --output brain_refine
 DEFAULT_METHODS = ("none", "ours", "ours_io", "displacement_only", "ants", "elastix")
 #: the instance-optimization mode of each of our methods (register()'s io_mode)
-IO_MODES = {"ours_svf": "svf", "ours_io": "network"}
+IO_MODES = {"ours_svf": "svf", "ours_svf_4mm": "svf", "ours_io": "network"}
+#: the refinement's settings of each svf method: the default (finest level 2 mm), or a coarser
+#: finest level (4 mm: levels of 16, 8 and 4 mm), faster
+REFINE_SETTINGS = {"ours_svf": RefineSettings(), "ours_svf_4mm": RefineSettings(spacing_mm=4.0)}
 #: our methods whose network box grows beyond the one it was trained on (register()'s network_box)
 COVER_METHODS = ("ours_cover",)
-OUR_METHODS = ("ours", "ours_cover", "ours_svf", "ours_io", "displacement_only")
+OUR_METHODS = ("ours", "ours_cover", "ours_svf", "ours_svf_4mm", "ours_io", "displacement_only")
 #: the test set's name in the result JSON and the model cards
 TEST_SET = "subjects 19-20"
 #: the translation sweep: shifts of the fixed image's content (mm) along each axis, methods
@@ -167,6 +172,7 @@ def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, w
 
         result = register(moving_image, fixed_image, model, modality="max", device="cpu",
                           io_mode=IO_MODES.get(method, "none"), io_steps=io_steps, moving_labels=moving_labels,
+                          refine_settings=REFINE_SETTINGS.get(method, RefineSettings()),
                           network_box="cover" if method in COVER_METHODS else "trained")
         warped, field = result.warped_labels, result.transform.GetDisplacementField()
     elif method in ("ants", "elastix"):
