@@ -33,16 +33,18 @@ def _assert_bit_identical(model, snapshot):
         assert torch.equal(value, snapshot[name]), name
 
 
-def test_twenty_steps_lower_the_loss_and_restore_the_weights(small_model_and_pair):
+def test_five_steps_lower_the_loss_and_restore_the_weights(small_model_and_pair):
     model, moving, fixed = small_model_and_pair
     before = _snapshot(model)
     reports = []
-    maps = instance_optimize(model, moving, fixed, steps=20, learning_rate=1e-3, inverse=True, progress=reports.append)
+    # lr 1e-4: the loss falls at nearly every step, by 0.19 to 0.26 over the four updates whose
+    # result is reported (seeds 0, 1, 2); at lr 1e-3 it goes up and down by up to 0.3 between steps
+    maps = instance_optimize(model, moving, fixed, steps=5, learning_rate=1e-4, inverse=True, progress=reports.append)
     _assert_bit_identical(model, before)
-    assert [r.step for r in reports] == list(range(1, 21))
+    assert [r.step for r in reports] == list(range(1, 6))
     assert reports[-1].fraction == 1.0 and reports[-1].eta_s == 0.0
     first, last = float(reports[0].message.split()[-1]), float(reports[-1].message.split()[-1])
-    assert last < first - 0.01, (first, last)
+    assert last < first - 0.05, (first, last)
     # The returned maps are the tuned network's: they register better than the untuned network.
     with torch.no_grad():
         untuned = model(moving, fixed)
@@ -59,9 +61,9 @@ def test_cancel_part_way_raises_and_restores_the_weights(small_model_and_pair):
         instance_optimize(
             model, moving, fixed, steps=10, learning_rate=1e-3,
             progress=lambda report: steps_done.append(report.step),
-            should_cancel=lambda: len(steps_done) >= 3,
+            should_cancel=lambda: len(steps_done) >= 1,
         )
-    assert steps_done == [1, 2, 3]
+    assert steps_done == [1]
     _assert_bit_identical(model, before)
 
 
@@ -70,7 +72,7 @@ def test_exception_part_way_restores_the_weights(small_model_and_pair):
     before = _snapshot(model)
 
     def failing_progress(report):
-        if report.step == 2:
+        if report.step == 1:  # after the first step has changed the weights
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):

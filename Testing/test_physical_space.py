@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -413,12 +414,42 @@ def test_landmark_error_of_a_known_shift_in_three_file_formats(tmp_path):
         read_landmarks(tmp_path / "moving.csv")
 
 
-def test_the_demo_pair_and_command(tmp_path):
+def _placeholder_registration(calls):
+    """carl-register's stand-in for a demo run: records its options and leaves a placeholder where
+    each result goes (a summary with zero figures), as if it had registered."""
+
+    def register_main(argv):
+        options = dict(zip(argv[::2], argv[1::2]))
+        calls.append(options)
+        for flag in ("--out-transform", "--out-warped", "--report"):
+            Path(options[flag]).write_text("placeholder")
+        figures = dict.fromkeys(("seconds", "lncc_before", "lncc_after", "folding_percent"), 0.0)
+        Path(options["--summary"]).write_text(json.dumps(dict(figures, device="cpu")))
+        return 0
+
+    return register_main
+
+
+def test_the_demo_pair_and_command(tmp_path, monkeypatch, capsys):
+    """``python -m carlreg demo`` in a folder where the demo ran before (a run reuses its own
+    folder). The run before is the command's function in this process with carl-register's
+    stand-in (the pair and the folder are the demo's own, each result a placeholder, which saves
+    CI a second registration); the command's run is checked: the pair it wrote and its results."""
     require_module("nilearn")
     from carlreg import demo
 
-    moving_path, fixed_path = demo.make_demo_pair(tmp_path / "pair")
-    moving, fixed = sitk.ReadImage(str(moving_path)), sitk.ReadImage(str(fixed_path))
+    out = tmp_path / "demo"
+    calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "register_main", _placeholder_registration(calls))
+        assert demo.demo_main(["--out", str(out), "--device", "cpu", "--progress", "none"]) == 0
+    (options,) = calls
+    assert (options["--moving"], options["--fixed"], options["--model"]) == (
+        str(out / "moving.nii.gz"), str(out / "fixed.nii.gz"), "carl-brain-3d")
+    completed = subprocess.run([sys.executable, "-m", "carlreg", "demo", "--out", str(out), "--device", "cpu",
+                                "--progress", "none"], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    moving, fixed = sitk.ReadImage(str(out / "moving.nii.gz")), sitk.ReadImage(str(out / "fixed.nii.gz"))
 
     def centroid(image):
         array = sitk.GetArrayFromImage(image)
@@ -433,11 +464,6 @@ def test_the_demo_pair_and_command(tmp_path):
     difference = np.abs(sitk.GetArrayFromImage(back) - sitk.GetArrayFromImage(fixed))[brain]
     assert difference.mean() > 0.02 * float(sitk.GetArrayFromImage(fixed).max())
 
-    out = tmp_path / "demo"
-    for _ in range(2):  # a second run reuses its own folder
-        completed = subprocess.run([sys.executable, "-m", "carlreg", "demo", "--out", str(out), "--device", "cpu",
-                                    "--progress", "none"], capture_output=True, text=True)
-        assert completed.returncode == 0, completed.stderr
     # the shipped carl-brain-3d finds the 40 mm offset without pre-alignment: fixed brain points
     # map about 40 mm up into the moving image, and the images agree better afterwards
     transform = sitk.ReadTransform(str(out / "fixed_to_moving.h5"))
@@ -449,16 +475,16 @@ def test_the_demo_pair_and_command(tmp_path):
     assert summary["lncc_after"] > summary["lncc_before"] + 0.3 and summary["folding_percent"] < 1.0
     for name in ("fixed_to_moving.h5", "warped.nii.gz", "report.png", "summary.json"):
         assert (out / name).is_file() and str(out / name) in completed.stdout
+        assert (out / name).read_bytes() != b"placeholder"
+    # refusals come before any registration (in this process: the command's own function)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    completed = subprocess.run([sys.executable, "-m", "carlreg", "demo", "--out", str(other)],
-                               capture_output=True, text=True)
-    assert completed.returncode == 2 and "holds other files" in completed.stderr
+    capsys.readouterr()
+    assert demo.demo_main(["--out", str(other)]) == 2 and "holds other files" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
-    completed = subprocess.run([sys.executable, "-m", "carlreg", "demo", "--model", "no-such-model", "--out", str(tmp_path / "new")],
-                               capture_output=True, text=True)
-    assert completed.returncode == 2 and "no model named 'no-such-model'" in completed.stderr
+    assert demo.demo_main(["--model", "no-such-model", "--out", str(tmp_path / "new")]) == 2
+    assert "no model named 'no-such-model'" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 

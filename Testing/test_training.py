@@ -15,10 +15,33 @@ SHAPE = (40, 40, 40)
 
 
 def _config(folder, output):
+    """Two steps, one per phase: the second is the first GradICON step."""
     return TrainConfig(
         data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, max_shift=3, width=0.125,
-        batch_size=1, diffusion_steps=1, steps=3, checkpoint_every=1, validate_every=0, output=str(output),
+        batch_size=1, diffusion_steps=1, steps=2, checkpoint_every=1, validate_every=0, output=str(output),
     )
+
+
+def _pairs_csv(tmp_path):
+    """The user's own pairs as a CSV: the MONAI anatomical pair and its label maps."""
+    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text(
+        "moving,fixed,moving_labels,fixed_labels\n"
+        f"{folder / 'reoriented_anat_moved.nii'},{folder / 'anatomical.nii'},"
+        f"{folder / 'reoriented_anat_moved_label.nii.gz'},{folder / 'anatomical_label.nii.gz'}\n"
+    )
+    return csv_path
+
+
+def _pairs_config(tmp_path, output, **changes):
+    """A short run on the user's pairs, which a run reads in a moment (a fresh process, or a new
+    input shape, resamples the SynthSeg label maps for seconds)."""
+    settings = dict(
+        data="pairs", data_folder=str(_pairs_csv(tmp_path)), modality="mr", input_shape=SHAPE, width=0.125,
+        batch_size=1, diffusion_steps=1, steps=2, checkpoint_every=1, validate_every=0, output=str(output),
+    )
+    return TrainConfig(**{**settings, **changes})
 
 
 def _losses(output):
@@ -51,12 +74,12 @@ def test_resumed_run_continues_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     reports = []
     train(_config(folder, straight), progress=reports.append)
-    assert [r.step for r in reports] == [1, 2, 3]
-    train(_config(folder, interrupted), max_steps_this_run=2)
-    assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 2
+    assert [r.step for r in reports] == [1, 2]
+    train(_config(folder, interrupted), max_steps_this_run=1)
+    assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 1
     # a line logged after the checkpoint by a run killed before its next checkpoint is dropped on resume
     with open(interrupted / "log.jsonl", "a") as log:
-        log.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+        log.write(json.dumps({"step": 2, "loss": -1.0}) + "\n")
     train(_config(folder, interrupted))
     # a burst limited by wall time (here spent at once: one step), then the rest on resume
     burst = tmp_path / "burst"
@@ -66,9 +89,10 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert _losses(burst) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-7)
     # exact resume: the same data, weights and optimizer state, so the same steps; compared to a
     # tolerance far below one step's change (the threaded convolutions may round differently from
-    # one run to the next), not bit for bit
+    # one run to the next), not bit for bit. The resumed step's loss shows the weights and data;
+    # the final weights below show the optimizer state too (Adam's moments after the first step).
     assert _losses(interrupted) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-7)
-    assert len(set(_losses(straight))) == 3
+    assert len(set(_losses(straight))) == 2
     assert (straight / "loss.png").stat().st_size > 1000
     # the model is told the physical spacing it was trained at (fixed-spacing input grids)
     assert load_model(straight / "checkpoint.pt", "cpu").input_spacing_mm == 5.0
@@ -76,10 +100,10 @@ def test_resumed_run_continues_exactly(tmp_path):
     final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
     for name, value in final_straight.items():
         assert torch.allclose(value, final_resumed[name], rtol=0, atol=1e-6), name
-    # a new run can start from another run's weights, at another input shape (lr 0: they stay as loaded)
-    fine_tuned = tmp_path / "fine_tuned"
-    config = _config(folder, fine_tuned)
-    config.init_from, config.input_shape, config.steps, config.learning_rate = str(straight / "checkpoint.pt"), (48, 40, 44), 1, 0.0
+    # a new run can start from another run's weights, at another input shape and on other data
+    # (lr 0: they stay as loaded)
+    config = _pairs_config(tmp_path, tmp_path / "fine_tuned", input_shape=(48, 40, 44), steps=1, learning_rate=0.0,
+                           init_from=str(straight / "checkpoint.pt"))
     parameters = dict(train(config).named_parameters())
     assert parameters and all(torch.equal(value, final_straight[name]) for name, value in parameters.items())
     config.init_from, config.output = "", str(tmp_path / "from_scratch")
@@ -100,13 +124,7 @@ def test_dark_background_is_black_like_the_padding_around_the_box():
 
 
 def test_training_on_the_users_own_pairs(tmp_path):
-    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
-    csv_path = tmp_path / "pairs.csv"
-    csv_path.write_text(
-        "moving,fixed,moving_labels,fixed_labels\n"
-        f"{folder / 'reoriented_anat_moved.nii'},{folder / 'anatomical.nii'},"
-        f"{folder / 'reoriented_anat_moved_label.nii.gz'},{folder / 'anatomical_label.nii.gz'}\n"
-    )
+    csv_path = _pairs_csv(tmp_path)
     config = TrainConfig(
         data="pairs", data_folder=str(csv_path), validation_csv=str(csv_path), modality="mr", input_shape=SHAPE,
         width=0.125, batch_size=2, diffusion_steps=1, steps=2, checkpoint_every=2, validate_every=2,
@@ -128,8 +146,7 @@ def test_a_burst_from_the_command_line_stops_on_time_and_leaves_a_checkpoint(tmp
     import sys
     from dataclasses import asdict
 
-    folder = shared_data_path("synthseg_label_maps")
-    settings = asdict(_config(folder, tmp_path / "run"))
+    settings = asdict(_pairs_config(tmp_path, tmp_path / "run"))
     (tmp_path / "config.json").write_text(json.dumps(settings))
     completed = subprocess.run(
         [sys.executable, "-m", "carlreg", "train", "--config", tmp_path / "config.json", "--device", "cpu",

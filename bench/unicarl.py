@@ -10,6 +10,11 @@ reported), then the reverse pass once for the map comparison. Peak memory is the
 resident set during the forward passes (Linux ``VmHWM``, reset after the weights are loaded) and
 its growth over the resident set before them. Map differences are in voxels of the 160³ grid.
 
+The check of ours at the released input: ours fp32 must equal the reference fp32 within
+``TOLERANCE`` (unit frame, both directions, as ``Testing/test_unicarl.py`` checks at 65³), or the
+script exits with status 1 after writing its results. The test suite leaves the 160³ forward
+passes to this script (CI's CPU would spend over a minute on them).
+
 The reference is ``icon_registration`` 1.1.9 (``icon_registration.unicarl``), built as its
 ``register.get_model()`` builds it, with stand-in modules for its training-only imports
 (``torchvision``, ``footsteps``) where they are not installed; nothing else is patched.
@@ -38,6 +43,9 @@ SHARED = REPO.parent / "shared" / "data"
 PAIR = ("tiny_fixtures/monai_anatomical_pair/reoriented_anat_moved.nii", "tiny_fixtures/monai_anatomical_pair/anatomical.nii")
 RUNS = (("reference", "fp32"), ("ours", "fp32"), ("ours", "bf16"))
 THREADS = 2
+#: max |map difference| (unit frame) allowed between ours and the reference, both in fp32
+TOLERANCE = 1e-5
+DIRECTIONS = ("fixed_to_moving", "moving_to_fixed")
 
 
 def _inputs(size: int):
@@ -193,6 +201,14 @@ def _table(rows: list, header: str) -> str:
     return "\n".join(lines)
 
 
+def check(rows: list) -> str:
+    """The verdict line: whether ours fp32 equals the reference fp32 within ``TOLERANCE`` ("passed" or "FAILED")."""
+    ours = next(r for r in rows if (r["implementation"], r["precision"]) == ("ours", "fp32"))
+    worst = max(ours["vs_reference"][d]["max_unit"] for d in DIRECTIONS)
+    verdict = "passed" if worst <= TOLERANCE else "FAILED"
+    return f"# check {verdict}: ours fp32 vs reference fp32, max |map difference| {worst:.1e} (unit frame, both directions), tolerance {TOLERANCE:g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=160)
@@ -229,12 +245,15 @@ def main() -> None:
         f"torch {torch.__version__}, {THREADS} threads, uniCARL at {args.size}³, batch 1, one direction timed "
         f"(median of {args.repeats} after a warm-up), peak = VmHWM during the passes"
     )
-    table = _table(rows, header)
+    verdict = check(rows)
+    table = _table(rows, header) + "\n" + verdict
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".txt").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows, "check": verdict}, indent=1) + "\n")
+    if "FAILED" in verdict:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
