@@ -92,14 +92,17 @@ def objective_run(reference, variant, fourth_step, dimension):
     with torch.no_grad():
         got = GradICONObjective(ours)(moving, fixed)
         maps = torch.cat([ref_model.phi_AB_vectorfield, ref_model.phi_BA_vectorfield]), on_grid(mine, ours)
-        first_maps = (torch.cat([phi(ref_model.regis_net.identity_map) for phi in theirs_first]), on_grid(mine_first, ours))
+        first_maps = None
+        if fourth_step:
+            theirs = torch.cat([phi(ref_model.regis_net.identity_map) for phi in theirs_first])
+            first_maps = theirs, on_grid(mine_first, ours)
     return types.SimpleNamespace(expected=expected, got=got, maps=maps, first_maps=first_maps,
                                  identity=ref_model.identity_map, batch=2 * len(moving))
 
 
 def on_grid(recorded, ours):
     """Ours' recorded maps on its grid, in the order they were computed."""
-    return torch.cat([phi.on_grid(ours.identity_map) for phi in recorded]) if recorded else None
+    return torch.cat([phi.on_grid(ours.identity_map) for phi in recorded])
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,8 @@ def check(rows: list) -> str:
     ours = next(r for r in rows if (r["implementation"], r["precision"]) == ("ours", "fp32"))
     worst = max(ours["vs_reference"][d]["max_unit"] for d in DIRECTIONS)
     verdict = "passed" if worst <= TOLERANCE else "FAILED"
-    return f"# check {verdict}: ours fp32 vs reference fp32, max |map difference| {worst:.1e} (unit frame, both directions), tolerance {TOLERANCE:g}"
+    return (f"# check {verdict}: ours fp32 vs reference fp32, max |map difference| {worst:.1e} "
+            f"(unit frame, both directions), tolerance {TOLERANCE:g}")
 
 
 def main() -> None:
