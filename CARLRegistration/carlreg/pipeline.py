@@ -127,12 +127,14 @@ MAX_BOX_FACTOR = 2
 def _network_box(network: nn.Module, images, spacing_mm: Optional[float], network_box: str) -> Tuple[int, ...]:
     """The box the network runs on. CARL networks at a physical spacing grow theirs from the input
     shape to hold both images whole (:func:`carlreg.geometry.covering_box`), up to the largest box
-    they were trained on (``"trained"``) or up to twice the input shape (``"cover"``); the others
+    they were trained on (``"trained"``) or beyond it, up to twice the input shape (``"cover"``); the others
     keep their own input shape."""
     config = getattr(network, "config", None)
     if spacing_mm is None or not isinstance(config, CARLConfig):
         return tuple(int(n) for n in network.input_shape)
-    largest = config.largest_box if network_box == "trained" else [MAX_BOX_FACTOR * n for n in config.input_shape]
+    largest = config.largest_box
+    if network_box == "cover":
+        largest = [max(n, MAX_BOX_FACTOR * m) for n, m in zip(largest, config.input_shape)]
     return covering_box(images, spacing_mm, config.input_shape, largest)
 
 
