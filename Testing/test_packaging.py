@@ -15,11 +15,13 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator, Set
+from typing import Iterator, Set, Tuple
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from conftest import REPO, shared_data_path
+from conftest import REPO, require_module, shared_data_path
 
 SOURCE_ROOT = REPO / "CARLRegistration"
 CMAKE_LIST = (SOURCE_ROOT / "CMakeLists.txt").read_text()
@@ -145,21 +147,89 @@ def _build_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
-def test_the_wheel_carries_the_models_and_registers_in_a_fresh_environment(tmp_path):
-    """pip install of the wheel into a new virtual environment outside the checkout; its
-    dependencies (torch, SimpleITK, nilearn) come from the test environment by a path entry, so
-    nothing large is installed again, while carlreg itself can only come from the wheel."""
-    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+def _placeholder_registration(calls):
+    """carl-register's stand-in for a demo run: records its options and leaves a placeholder where
+    each result goes (a summary with zero figures), as if it had registered."""
+
+    def register_main(argv):
+        options = dict(zip(argv[::2], argv[1::2]))
+        calls.append(options)
+        for flag in ("--out-transform", "--out-warped", "--report"):
+            Path(options[flag]).write_text("placeholder")
+        figures = dict.fromkeys(("seconds", "lncc_before", "lncc_after", "folding_percent"), 0.0)
+        Path(options["--summary"]).write_text(json.dumps(dict(figures, device="cpu")))
+        return 0
+
+    return register_main
+
+
+def _check_demo_pair(out: Path) -> None:
+    """The demo pair: brains 40 mm apart, the copy deformed, fields of view of their own."""
+    from carlreg.demo import SHIFT_MM
+
+    moving, fixed = sitk.ReadImage(str(out / "moving.nii.gz")), sitk.ReadImage(str(out / "fixed.nii.gz"))
+
+    def centroid(image):
+        array = sitk.GetArrayFromImage(image)
+        index = np.argwhere(array > 0.25 * array.max()).mean(axis=0)[::-1]
+        return np.array(image.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+
+    assert np.allclose(centroid(moving) - centroid(fixed), SHIFT_MM, atol=2.0)
+    assert moving.GetSize() != fixed.GetSize()
+    # deformed, not only moved (a whole-voxel shift alone would move back exactly)
+    back = sitk.Resample(moving, fixed, sitk.TranslationTransform(3, list(SHIFT_MM)), sitk.sitkLinear, 0.0)
+    brain = sitk.GetArrayFromImage(fixed) > 0.25 * float(sitk.GetArrayFromImage(fixed).max())
+    difference = np.abs(sitk.GetArrayFromImage(back) - sitk.GetArrayFromImage(fixed))[brain]
+    assert difference.mean() > 0.02 * float(sitk.GetArrayFromImage(fixed).max())
+
+
+def _check_demo_registration(out: Path, stdout: str) -> None:
+    """The shipped carl-brain-3d found the 40 mm offset without pre-alignment: fixed brain points
+    map about 40 mm up into the moving image, and the images agree better afterwards."""
+    from carlreg.demo import SHIFT_MM
+
+    for name in ("fixed_to_moving.h5", "warped.nii.gz", "report.png", "summary.json"):
+        assert (out / name).is_file() and str(out / name) in stdout
+        assert (out / name).read_bytes() != b"placeholder"
+    fixed = sitk.ReadImage(str(out / "fixed.nii.gz"))
+    brain = sitk.GetArrayFromImage(fixed) > 0.25 * float(sitk.GetArrayFromImage(fixed).max())
+    transform = sitk.ReadTransform(str(out / "fixed_to_moving.h5"))
+    points = [fixed.TransformIndexToPhysicalPoint(p.tolist())
+              for p in np.argwhere(brain)[:: max(1, int(brain.sum()) // 500), ::-1]]
+    displacement = np.array([np.subtract(transform.TransformPoint(p), p) for p in points])
+    assert np.allclose(np.median(displacement, axis=0), SHIFT_MM, atol=5.0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lncc_after"] > summary["lncc_before"] + 0.3 and summary["folding_percent"] < 1.0
+
+
+def _fresh_environment_with_the_wheel(tmp_path: Path) -> Tuple[Path, Path]:
+    """A new virtual environment with the wheel installed (no index); its dependencies (torch,
+    SimpleITK, nilearn) come from the test environment by a path entry, so nothing large is
+    installed again, while carlreg itself can only come from the wheel. Returns its python and
+    its site-packages."""
     wheel = _build_wheel(tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    python = venv / "bin" / "python"
     completed = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", wheel],
                                capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python, site
+
+
+def test_the_wheel_carries_the_models_and_runs_the_demo_in_a_fresh_environment(tmp_path, monkeypatch, capsys):
+    """The wheel in a fresh environment: its models, its console script, and the README's first
+    command, ``python -m carlreg demo``, run in a folder where the demo ran before (a run reuses
+    its own folder; the run before: the command's function in this process with carl-register's
+    stand-in, which checks the pair without a second registration). Refusals come before any
+    registration."""
+    require_module("nilearn")
+    from carlreg import demo
+
+    python, site = _fresh_environment_with_the_wheel(tmp_path)
     environment = {k: v for k, v in os.environ.items() if k not in ("CARLREG_WEIGHTS", "PYTHONPATH")}
     work = tmp_path / "work"
     work.mkdir()
@@ -171,17 +241,29 @@ def test_the_wheel_carries_the_models_and_registers_in_a_fresh_environment(tmp_p
     weights_dir, names = located.stdout.splitlines()
     assert Path(weights_dir) == site / "carlreg" / "weights", located.stderr
     assert "carl-brain-3d" in names and "carl-retina-2d" in names
-    listing = run(bin_dir / "carl-register", "--list-models")
+    listing = run(python.parent / "carl-register", "--list-models")
     assert listing.returncode == 0 and "carl-brain-3d" in listing.stdout and "3 mm" in listing.stdout, listing.stderr
-    registered = run(bin_dir / "carl-register", "--moving", folder / "reoriented_anat_moved.nii", "--fixed",
-                     folder / "anatomical.nii", "--model", "carl-brain-3d", "--device", "cpu",
-                     "--out-transform", "t.h5", "--out-warped", "w.nii.gz", "--summary", "s.json")
-    assert registered.returncode == 0, registered.stderr
-    summary = json.loads((work / "s.json").read_text())
-    assert summary["lncc_after"] > summary["lncc_before"] and (work / "w.nii.gz").is_file()
-    demo = run(python, "-m", "carlreg", "demo", "--out", "demo", "--device", "cpu")
-    assert demo.returncode == 0, demo.stderr
-    assert "Registered" in demo.stdout and (work / "demo" / "warped.nii.gz").is_file()
+
+    out, calls = work / "demo", []
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "register_main", _placeholder_registration(calls))
+        assert demo.demo_main(["--out", str(out), "--device", "cpu", "--progress", "none"]) == 0
+    assert [(o["--moving"], o["--fixed"], o["--model"]) for o in calls] == [
+        (str(out / "moving.nii.gz"), str(out / "fixed.nii.gz"), "carl-brain-3d")]
+    _check_demo_pair(out)
+    completed = run(python, "-m", "carlreg", "demo", "--out", out, "--device", "cpu", "--progress", "none")
+    assert completed.returncode == 0, completed.stderr
+    _check_demo_registration(out, completed.stdout)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert demo.demo_main(["--out", str(other)]) == 2 and "holds other files" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    assert demo.demo_main(["--model", "no-such-model", "--out", str(tmp_path / "new")]) == 2
+    assert "no model named 'no-such-model'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def _tracked_sizes() -> dict:

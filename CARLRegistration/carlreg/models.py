@@ -46,6 +46,7 @@ def _config_from_architecture(architecture: Dict, source: str) -> CARLConfig:
             width=float(architecture.get("width", 1.0)),
             first_step=str(architecture.get("first_step", "attention")),
             trained_box=tuple(int(n) for n in architecture.get("box_shape") or ()),
+            input_spacing_mm=None if architecture.get("input_spacing_mm") is None else float(architecture["input_spacing_mm"]),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"load_model(): {source} has no valid architecture (dimension, input_shape, ...): {err}") from err
@@ -71,21 +72,10 @@ def _build_and_load(config: CARLConfig, state: Dict[str, torch.Tensor], source: 
     return model
 
 
-def _with_spacing(model: nn.Module, architecture: Dict) -> nn.Module:
-    """``model.input_spacing_mm``: the physical spacing its inputs are sampled at, or None
-    (whole arrays resized), from the architecture's optional ``input_spacing_mm``."""
-    spacing = architecture.get("input_spacing_mm")
-    model.input_spacing_mm = float(spacing) if spacing is not None else None
-    return model
-
-
 def _unicarl(state: Dict[str, torch.Tensor], input_shape=None) -> nn.Module:
-    """uniCARL (the authors' file, or our own state_dict of it), with its preprocessing mode:
-    its inputs are prepared by :func:`carlreg.preprocess.unicarl_preprocess` and resized whole."""
+    """uniCARL (the authors' file, or our own state_dict of it)."""
     model = build_unicarl(input_shape) if input_shape else build_unicarl()
     load_unicarl_checkpoint(model, state)
-    model.input_spacing_mm = None
-    model.preprocessing = "unicarl"
     return model
 
 
@@ -125,7 +115,7 @@ def load_model(
         if card["architecture"].get("family") == "unicarl":
             return _unicarl(state, card["architecture"].get("input_shape")).to(device).eval()
         config = _config_from_architecture(card["architecture"], f"model card {text}")
-        return _with_spacing(_build_and_load(config, state, f"model {text}"), card["architecture"]).to(device).eval()
+        return _build_and_load(config, state, f"model {text}").to(device).eval()
     if not path.is_file():
         raise ValueError(f"load_model(): model file not found: {path}")
     state = _load_file(path)
@@ -138,8 +128,7 @@ def load_model(
         if settings.get("data") == "synthseg3d":
             architecture["input_spacing_mm"] = settings.get("spacing_mm")
         config = _config_from_architecture(architecture, str(path))
-        model = _build_and_load(config, state["model"], str(path))
-        return _with_spacing(model, architecture).to(device).eval()
+        return _build_and_load(config, state["model"], str(path)).to(device).eval()
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         raise ValueError(
@@ -150,4 +139,4 @@ def load_model(
     if card.get("sha256") and sha256_of(path) != card["sha256"]:
         raise ValueError(f"load_model(): checksum mismatch for {path}: the file is damaged or not the one its card describes")
     config = _config_from_architecture(card.get("architecture", {}), str(card_path))
-    return _with_spacing(_build_and_load(config, state, str(path)), card.get("architecture", {})).to(device).eval()
+    return _build_and_load(config, state, str(path)).to(device).eval()

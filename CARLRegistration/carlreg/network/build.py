@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from .attention import AttentionRegistration, FeatureNet
 from .unet import UNet
@@ -27,7 +27,8 @@ class CARLConfig:
 
     ``input_shape`` is the spatial shape in tensor order (z, y, x for 3-D), the frame of the
     U-Nets' displacements; ``trained_box`` the largest box the weights were trained on (empty:
-    ``input_shape``), the largest the pipeline grows the box to (:func:`set_box`).
+    ``input_shape``), the largest the pipeline grows the box to (:func:`set_box`);
+    ``input_spacing_mm`` the physical spacing of the input grid (None: whole arrays resized).
     """
 
     dimension: int
@@ -37,6 +38,7 @@ class CARLConfig:
     width: float = 1.0
     first_step: str = "attention"
     trained_box: Tuple[int, ...] = ()
+    input_spacing_mm: Optional[float] = None
 
     @property
     def largest_box(self) -> Tuple[int, ...]:
@@ -66,6 +68,7 @@ def build_carl(
     width: float = 1.0,
     first_step: str = "attention",
     trained_box: Sequence[int] = (),
+    input_spacing_mm: Optional[float] = None,
 ) -> RegistrationModule:
     """Build CARL: Ξ at 1/4 resolution, Ψ1 at 1/2, Ψ2 at full resolution (and Ψ3 at full).
 
@@ -80,7 +83,8 @@ def build_carl(
     Calling the result on ``(B, 1, *input_shape)`` moving and fixed images
     returns the ``(B, D, *input_shape)`` fixed → moving map, unit frame; the
     network's ``config`` (:class:`CARLConfig`) and ``input_shape`` describe it. ``trained_box``:
-    the largest box its weights are trained for (:class:`CARLConfig`).
+    the largest box its weights are trained for; ``input_spacing_mm``: the physical spacing its
+    inputs are sampled at (None: whole arrays resized; :class:`CARLConfig`).
     """
     input_shape = tuple(int(n) for n in input_shape)
     if dimension not in (2, 3):
@@ -113,8 +117,10 @@ def build_carl(
         net = TwoStep(net, _psi(dimension, width))
     net.set_input_shape(input_shape)
     net.config = CARLConfig(
-        dimension, input_shape, variant, bool(fourth_step), float(width), first_step, tuple(int(n) for n in trained_box)
+        dimension, input_shape, variant, bool(fourth_step), float(width), first_step,
+        tuple(int(n) for n in trained_box), None if input_spacing_mm is None else float(input_spacing_mm),
     )
+    net.input_spacing_mm = net.config.input_spacing_mm
     return net
 
 
@@ -122,7 +128,7 @@ def build_from_config(config: CARLConfig) -> RegistrationModule:
     """``build_carl`` from a stored :class:`CARLConfig`."""
     return build_carl(
         config.dimension, config.input_shape, config.variant, config.fourth_step, config.width, config.first_step,
-        config.trained_box,
+        config.trained_box, config.input_spacing_mm,
     )
 
 

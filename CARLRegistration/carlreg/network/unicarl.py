@@ -451,6 +451,7 @@ def build_unicarl(
         net = TwoStep(BlurredRegistration(net, sigma), _refiner(downsampled=True))
     net = TwoStep(BlurredRegistration(Down(net, 3), FULL_RESOLUTION_SIGMA), _refiner(downsampled=False))
     net.set_input_shape(input_shape)
+    net.preprocessing = "unicarl"
     if device is not None:
         net.to(device)
     return net

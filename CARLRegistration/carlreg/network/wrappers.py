@@ -22,7 +22,7 @@ keeps each step's displacements the same in voxels, and at the unit shape nothin
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +30,30 @@ from torch import nn
 
 from ..maps import ComposedMap, DisplacementMap, Map, identity_map, sample
 
+if TYPE_CHECKING:
+    from .build import CARLConfig
+
 __all__ = ["RegistrationModule", "FunctionFromVectorField", "TwoStep", "Down"]
 
 
 class RegistrationModule(nn.Module):
-    """Base class: ``transform(moving, fixed) -> Map`` (fixed → moving)."""
+    """Base class: ``transform(moving, fixed) -> Map`` (fixed → moving).
+
+    A whole network (a builder's result) also tells the pipeline how to prepare its inputs
+    (``input_spacing_mm``, ``preprocessing``) and how to rebuild it (``config``): its builder sets them.
+    """
 
     identity_map: torch.Tensor
     #: resolution factor between this module's grid and its children's
     downscale_factor = 1
+    #: physical spacing (mm) of the network's input grid, centred on each image (None: each
+    #: image's whole array resized to the input shape); see :mod:`carlreg.geometry`
+    input_spacing_mm: Optional[float] = None
+    #: how each image is prepared: ``"modality"`` (reoriented to RAS, intensities normalised for
+    #: the modality, :mod:`carlreg.preprocess`) or ``"unicarl"`` (its authors' preprocessing)
+    preprocessing: str = "modality"
+    #: what rebuilds a CARL network (:func:`carlreg.network.build_carl`); None for the others
+    config: Optional["CARLConfig"] = None
 
     def __init__(self) -> None:
         super().__init__()
