@@ -9,13 +9,12 @@ REFERENCE ?= icon_registration==1.1.9
 
 .PHONY: demo test bench bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse bench-landmarks gpu-check gpu-carry clean
 
-# One resolver pass; --no-compile: bytecode is written on import, only for what the tests import
-# (a third of the install time).
+# PyTorch and the test dependencies in one resolver pass.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION) -e '.[test]'
-	$(PY) -m pip install --quiet --no-compile --no-deps $(REFERENCE)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(REFERENCE)
 	touch $@
 
 # The first command of the README: the engine, the MNI152 template (nilearn) and a registration.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +309,11 @@ def test_without_a_model_the_default_is_named_or_the_models_are_listed(tmp_path)
         ("overwrite", "is also an input: refusing to overwrite it"),
     ],
 )
-def test_bad_input_gives_one_line_and_no_output(tmp_path, identity_checkpoint, case, message):
+def test_bad_input_gives_one_line_and_no_output(tmp_path, capsys, identity_checkpoint, case, message):
+    """carl-register's own function in this process (the same code as the command, whose process
+    the other tests run): a non-zero status, one line on stderr, no warning, no file written."""
+    from carlreg.cli import register_main
+
     good = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32))
     fixed = _write(good, tmp_path / "fixed.nii.gz")
     moving = {
@@ -322,11 +327,15 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, identity_checkpoint, c
     out = tmp_path / "out" / "t.h5" if case == "unwritable" else tmp_path / "t.h5"
     warped = fixed if case == "overwrite" else tmp_path / "w.nii.gz"
     before = sorted(p.name for p in tmp_path.iterdir())
-    completed = _run_cli("--moving", moving, "--fixed", fixed, "--model", identity_checkpoint,
-                         "--out-transform", out, "--out-warped", warped, "--progress", "none")
-    assert completed.returncode != 0
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], completed.stderr
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = register_main([str(a) for a in ("--moving", moving, "--fixed", fixed, "--model", identity_checkpoint,
+                                               "--out-transform", out, "--out-warped", warped, "--progress", "none")])
+    stderr = capsys.readouterr().err
+    assert code != 0 and not caught, [str(w.message) for w in caught]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
