@@ -487,3 +487,42 @@ def test_a_field_splits_into_its_affine_part_and_a_residual(tmp_path):
     completed = _run_cli("--moving", moving, "--fixed", folder / "anatomical.nii", "--out-transform", tmp_path / "t2.h5",
                          "--out-affine", tmp_path / "a.nii.gz")
     assert completed.returncode == 2 and "--out-affine expects an ITK transform file" in completed.stderr
+
+
+def test_the_demo_reruns_in_its_own_folder_and_refuses_others(tmp_path, monkeypatch, capsys):
+    """``carlreg demo``'s folder rules, with stand-ins for the pair and for carl-register (the real
+    run: Testing/test_packaging.py): a second run in its own folder, no run in a folder holding
+    other files or with an unknown model, and nothing written before a refusal."""
+    from carlreg import demo
+
+    calls = []
+
+    def pair(folder):
+        calls.append(("pair", folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / "moving.nii.gz", folder / "fixed.nii.gz"
+
+    def register_main(argv):
+        calls.append(("register", argv))
+        figures = dict.fromkeys(("seconds", "lncc_before", "lncc_after", "folding_percent"), 0.0)
+        Path(dict(zip(argv[::2], argv[1::2]))["--summary"]).write_text(json.dumps(dict(figures, device="cpu")))
+        return 0
+
+    monkeypatch.setattr(demo, "make_demo_pair", pair)
+    monkeypatch.setattr(demo, "register_main", register_main)
+    out = tmp_path / "demo"
+    for _ in range(2):
+        assert demo.demo_main(["--out", str(out), "--device", "cpu", "--progress", "none"]) == 0
+    assert [kind for kind, _ in calls] == ["pair", "register"] * 2
+    options = dict(zip(calls[1][1][::2], calls[1][1][1::2]))
+    assert (options["--moving"], options["--fixed"], options["--model"]) == (
+        str(out / "moving.nii.gz"), str(out / "fixed.nii.gz"), "carl-brain-3d")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert demo.demo_main(["--out", str(other)]) == 2 and "holds other files" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    assert demo.demo_main(["--model", "no-such-model", "--out", str(tmp_path / "new")]) == 2
+    assert "no model named 'no-such-model'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and len(calls) == 4
