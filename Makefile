@@ -49,7 +49,7 @@ bench-retina: $(VENV)/.installed
 
 bench-brain: $(VENV)/.bench-installed
 	$(PY) bench/brain.py
-	$(PY) bench/brain.py --methods none,ours,ours_svf,ants,elastix --output brain_refine
+	$(PY) bench/brain.py --methods none,ours,ours_svf,ours_svf_4mm,ants,elastix --output brain_refine
 	$(PY) bench/brain.py --sweep
 
 bench-equivariance: $(VENV)/.installed

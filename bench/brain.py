@@ -68,7 +68,7 @@ LABEL_MAPS = REPO.parent / "shared" / "data" / "synthseg_label_maps"
 SHAPE, SPACING_MM = (128, 128, 128), 2.0
 METHODS = ("none", "ours", "ours_cover", "ours_svf", "ours_svf_4mm", "ours_io", "displacement_only", "ants", "elastix")
 #: the accuracy table's methods by default (bench/results/brain.json, whose figures the brain
-#: models' cards carry); the refinement's table: --methods none,ours,ours_svf,ants,elastix --output brain_refine
+#: models' cards carry); the refinement's table: --methods none,ours,ours_svf,ours_svf_4mm,ants,elastix --output brain_refine
 DEFAULT_METHODS = ("none", "ours", "ours_io", "displacement_only", "ants", "elastix")
 #: the instance-optimization mode of each of our methods (register()'s io_mode)
 IO_MODES = {"ours_svf": "svf", "ours_svf_4mm": "svf", "ours_io": "network"}
