@@ -14,6 +14,14 @@ from conftest import shared_data_path
 SHAPE = (40, 40, 40)
 
 
+def _config(folder, output):
+    """Two steps, one per phase: the second is the first GradICON step."""
+    return TrainConfig(
+        data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, max_shift=3, width=0.125,
+        batch_size=1, diffusion_steps=1, steps=2, checkpoint_every=1, validate_every=0, output=str(output),
+    )
+
+
 def _pairs_csv(tmp_path):
     """The user's own pairs as a CSV: the MONAI anatomical pair and its label maps."""
     folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
@@ -62,23 +70,22 @@ def test_synthseg_pairs_are_random_contrast_images_of_two_subjects():
 
 
 def test_resumed_run_continues_exactly(tmp_path):
-    """Two steps, one per phase (the second is the first GradICON step), on the user's pairs (read
-    in a moment; the SynthSeg source's runs: Testing/test_box.py, Testing/test_distributed.py)."""
+    folder = shared_data_path("synthseg_label_maps")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     reports = []
-    train(_pairs_config(tmp_path, straight), progress=reports.append)
+    train(_config(folder, straight), progress=reports.append)
     assert [r.step for r in reports] == [1, 2]
-    train(_pairs_config(tmp_path, interrupted), max_steps_this_run=1)
+    train(_config(folder, interrupted), max_steps_this_run=1)
     assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 1
     # a line logged after the checkpoint by a run killed before its next checkpoint is dropped on resume
     with open(interrupted / "log.jsonl", "a") as log:
         log.write(json.dumps({"step": 2, "loss": -1.0}) + "\n")
-    train(_pairs_config(tmp_path, interrupted))
+    train(_config(folder, interrupted))
     # a burst limited by wall time (here spent at once: one step), then the rest on resume
     burst = tmp_path / "burst"
-    train(_pairs_config(tmp_path, burst), max_seconds_this_run=0.0)
+    train(_config(folder, burst), max_seconds_this_run=0.0)
     assert load_checkpoint(burst / "checkpoint.pt")["step"] == 1 and len(_losses(burst)) == 1
-    train(_pairs_config(tmp_path, burst))
+    train(_config(folder, burst))
     assert _losses(burst) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-7)
     # exact resume: the same data, weights and optimizer state, so the same steps; compared to a
     # tolerance far below one step's change (the threaded convolutions may round differently from
@@ -87,8 +94,8 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert _losses(interrupted) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-7)
     assert len(set(_losses(straight))) == 2
     assert (straight / "loss.png").stat().st_size > 1000
-    # pairs are resized whole: no physical spacing (a SynthSeg run's: Testing/test_box.py)
-    assert load_model(straight / "checkpoint.pt", "cpu").input_spacing_mm is None
+    # the model is told the physical spacing it was trained at (fixed-spacing input grids)
+    assert load_model(straight / "checkpoint.pt", "cpu").input_spacing_mm == 5.0
     final_straight = torch.load(straight / "model.pt", weights_only=True)
     final_resumed = torch.load(interrupted / "model.pt", weights_only=True)
     for name, value in final_straight.items():
