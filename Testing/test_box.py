@@ -151,6 +151,7 @@ def test_a_run_on_a_grown_box_keeps_the_unit_frame_of_its_input_shape(tmp_path):
     assert trained.input_shape == (48, 48, 40) and trained.unit_shape == (40, 40, 40)
     loaded = load_model(tmp_path / "run" / "checkpoint.pt", "cpu")
     assert loaded.input_shape == (40, 40, 40) and loaded.config.trained_box == (48, 48, 40)
+    assert loaded.input_spacing_mm == loaded.config.input_spacing_mm == 5.0  # the spacing it was trained at
     # on a real head (182 × 218 × 182 mm; at 5 mm, 218 mm needs 45 voxels → 48) the pipeline grows
     # the box to hold it, within the box the model was trained on
     template = shared_data_path("brain_templates", "antspy", "mni.nii.gz")
