@@ -274,7 +274,11 @@ def identity_checkpoint(tmp_path_factory):
     return folder / "tiny.pt"
 
 
-def test_without_a_model_the_default_is_named_or_the_models_are_listed(tmp_path):
+def test_without_a_model_the_default_is_named_or_the_models_are_listed(tmp_path, capsys):
+    """The command's process for a registration; its refusals and ``carlreg models`` through the
+    command's functions in this process (the same code, a process each saved)."""
+    from carlreg.cli import main, register_main
+
     rng = np.random.default_rng(0)
     volume = [_write(sitk.GetImageFromArray(rng.random((40, 40, 40)).astype(np.float32)), tmp_path / f"{n}.nii.gz") for n in "mf"]
     completed = _run_cli("--moving", volume[0], "--fixed", volume[1], "--out-transform", tmp_path / "t.h5", "--device", "cpu")
@@ -282,16 +286,16 @@ def test_without_a_model_the_default_is_named_or_the_models_are_listed(tmp_path)
     assert "no --model given: using carl-brain-3d, the default for 3-D images" in completed.stderr
     assert sitk.ReadTransform(str(tmp_path / "t.h5")).GetDimension() == 3
     flat = [_write(sitk.GetImageFromArray(rng.random((40, 40)).astype(np.float32)), tmp_path / f"{n}.nii.gz") for n in "ab"]
-    completed = _run_cli("--moving", flat[0], "--fixed", flat[1], "--out-transform", tmp_path / "t2.h5")
-    assert completed.returncode == 2 and not (tmp_path / "t2.h5").exists()
-    assert completed.stderr.strip() == ("carl-register: no default model for 2-D images: name one with --model "
-                                        "(carl-retina-2d, unet-retina-2d; --list-models describes them)")
-    completed = _run_cli("--moving", volume[0])
-    assert completed.returncode == 2
-    assert completed.stderr.strip() == "carl-register: missing --fixed, --out-transform (carl-register --help lists the options)"
-    listing = subprocess.run([sys.executable, "-m", "carlreg", "models"], capture_output=True, text=True)
-    rows = listing.stdout.splitlines()
-    assert listing.returncode == 0 and rows[0].split()[:3] == ["NAME", "DIMENSION", "INPUT"]
+    capsys.readouterr()
+    assert register_main(["--moving", flat[0], "--fixed", flat[1], "--out-transform", str(tmp_path / "t2.h5")]) == 2
+    assert not (tmp_path / "t2.h5").exists()
+    assert capsys.readouterr().err.strip() == ("carl-register: no default model for 2-D images: name one with --model "
+                                               "(carl-retina-2d, unet-retina-2d; --list-models describes them)")
+    assert register_main(["--moving", volume[0]]) == 2
+    assert capsys.readouterr().err.strip() == "carl-register: missing --fixed, --out-transform (carl-register --help lists the options)"
+    assert main(["models"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[:3] == ["NAME", "DIMENSION", "INPUT"]
     assert any(row.startswith("carl-brain-3d") and "64 × 72 × 64 at 3 mm" in row and "brain MR" in row for row in rows)
     assert rows[-1] == "default without --model: carl-brain-3d for 3-D images"
 
@@ -453,10 +457,11 @@ def test_a_field_over_both_extents_keeps_the_fixed_part_and_covers_the_moving_im
         register(moving, fixed, "carl-brain-3d", field_extent="moving")
 
 
-def test_a_field_splits_into_its_affine_part_and_a_residual(tmp_path):
+def test_a_field_splits_into_its_affine_part_and_a_residual(tmp_path, capsys):
     """A known affine map plus a smooth residual on a real image's grid: the affine part is found,
     and the composite maps the grid's points as the field does; the command line writes it."""
     from carlreg.affine import affine_part, decompose
+    from carlreg.cli import register_main
 
     folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
     fixed = sitk.ReadImage(str(folder / "anatomical.nii"))
@@ -478,15 +483,15 @@ def test_a_field_splits_into_its_affine_part_and_a_residual(tmp_path):
     points = [fixed.TransformIndexToPhysicalPoint([i, j, k]) for i, j, k in [(0, 0, 0), (5, 9, 3), (20, 30, 12), (32, 40, 24)]]
     for point in points:
         assert np.allclose(composite.TransformPoint(point), reference.TransformPoint(point), atol=1e-6)
-    moving = folder / "reoriented_anat_moved.nii"
-    completed = _run_cli("--moving", moving, "--fixed", folder / "anatomical.nii", "--model", "carl-brain-3d",
-                         "--device", "cpu", "--out-transform", tmp_path / "t.h5", "--out-affine", tmp_path / "a.h5")
-    assert completed.returncode == 0, completed.stderr
+    # carl-register's function in this process (its process: the other command-line tests)
+    pair = ["--moving", str(folder / "reoriented_anat_moved.nii"), "--fixed", str(folder / "anatomical.nii")]
+    assert register_main(pair + ["--model", "carl-brain-3d", "--device", "cpu", "--progress", "none",
+                                 "--out-transform", str(tmp_path / "t.h5"), "--out-affine", str(tmp_path / "a.h5")]) == 0
     written = sitk.CompositeTransform(sitk.ReadTransform(str(tmp_path / "a.h5")))
     assert written.GetNumberOfTransforms() == 2 and written.GetNthTransform(0).GetName() == "AffineTransform"
-    completed = _run_cli("--moving", moving, "--fixed", folder / "anatomical.nii", "--out-transform", tmp_path / "t2.h5",
-                         "--out-affine", tmp_path / "a.nii.gz")
-    assert completed.returncode == 2 and "--out-affine expects an ITK transform file" in completed.stderr
+    capsys.readouterr()
+    assert register_main(pair + ["--out-transform", str(tmp_path / "t2.h5"), "--out-affine", str(tmp_path / "a.nii.gz")]) == 2
+    assert "--out-affine expects an ITK transform file" in capsys.readouterr().err
 
 
 def test_the_demo_reruns_in_its_own_folder_and_refuses_others(tmp_path, monkeypatch, capsys):
