@@ -33,7 +33,7 @@ from .landmarks import read_landmarks, target_registration_error
 from .losses import lncc
 from .metrics import dice_per_label
 from .models import load_model
-from .network import CARLConfig, set_box
+from .network import CARLConfig, RegistrationModule, set_box
 from .optimize import instance_optimize
 from .preprocess import normalize_intensities, unicarl_preprocess
 from .progress import CancelCheck, ProgressCallback, StageReporter
@@ -98,11 +98,17 @@ def network_input(image: sitk.Image, modality: str, shape, spacing_mm: Optional[
     return to_network(normalized, shape, network_ratios(image, shape, spacing_mm))
 
 
+def _declared(network: nn.Module, name: str):
+    """The model interface's ``name`` (``input_spacing_mm``, ``preprocessing``, ``config``): a
+    user's module without it gets :class:`~carlreg.network.RegistrationModule`'s default."""
+    return getattr(network, name, getattr(RegistrationModule, name))
+
+
 def _oriented(image: sitk.Image, network: nn.Module, what: str) -> sitk.Image:
     """The image as the network's geometry sees it: for models whose preprocessing is
     ``"unicarl"`` their authors' (:func:`carlreg.preprocess.unicarl_preprocess`, cropped and
     scaled), for the others reoriented to RAS."""
-    if getattr(network, "preprocessing", "") == "unicarl":
+    if _declared(network, "preprocessing") == "unicarl":
         try:
             return unicarl_preprocess(image)
         except ImageError as err:
@@ -113,7 +119,7 @@ def _oriented(image: sitk.Image, network: nn.Module, what: str) -> sitk.Image:
 def _network_tensor(oriented: sitk.Image, network: nn.Module, modality: str, shape, spacing_mm, what: str) -> torch.Tensor:
     """The ``(1, 1, *shape)`` network input of an image from :func:`_oriented`: uniCARL's whole
     array resized, the others' the modality setting on their own grid (:func:`network_input`)."""
-    if getattr(network, "preprocessing", "") == "unicarl":
+    if _declared(network, "preprocessing") == "unicarl":
         return to_network(image_to_tensor(oriented), shape)
     return network_input(oriented, modality, shape, spacing_mm, what)
 
@@ -129,7 +135,7 @@ def _network_box(network: nn.Module, images, spacing_mm: Optional[float], networ
     shape to hold both images whole (:func:`carlreg.geometry.covering_box`), up to the largest box
     they were trained on (``"trained"``) or beyond it, up to twice the input shape (``"cover"``); the others
     keep their own input shape."""
-    config = getattr(network, "config", None)
+    config = _declared(network, "config")
     if spacing_mm is None or not isinstance(config, CARLConfig):
         return tuple(int(n) for n in network.input_shape)
     largest = config.largest_box
@@ -355,7 +361,7 @@ def register(
             raise ImageError(
                 f"register(): {what} image is {image.GetDimension()}-D, the model registers {dimension}-D images"
             )
-    spacing_mm = getattr(network, "input_spacing_mm", None)
+    spacing_mm = _declared(network, "input_spacing_mm")
     moving_oriented, fixed_oriented = _oriented(moving, network, "moving image"), _oriented(fixed, network, "fixed image")
     shape = _network_box(network, (moving_oriented, fixed_oriented), spacing_mm, network_box)
     moving_tensor, fixed_tensor = (
