@@ -39,6 +39,18 @@ def shared_data_path(*parts: str) -> Path:
     return path
 
 
+def monai_pairs_csv(tmp_path: Path) -> Path:
+    """Training pairs as a user writes them (a CSV): the MONAI anatomical pair and its label maps."""
+    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text(
+        "moving,fixed,moving_labels,fixed_labels\n"
+        f"{folder / 'reoriented_anat_moved.nii'},{folder / 'anatomical.nii'},"
+        f"{folder / 'reoriented_anat_moved_label.nii.gz'},{folder / 'anatomical_label.nii.gz'}\n"
+    )
+    return csv_path
+
+
 def load_bench(name: str) -> ModuleType:
     """The benchmark script ``bench/<name>.py`` as a module, so that tests rerun its own code."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")

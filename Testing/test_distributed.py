@@ -6,15 +6,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from carlreg.train import TrainConfig, train
-from conftest import shared_data_path
+from conftest import monai_pairs_csv
 
 
-def _rank_main(rank: int, world: int, store: str, folder: str, output: str, results: str) -> None:
+def _rank_main(rank: int, world: int, store: str, pairs_csv: str, output: str, results: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         config = TrainConfig(
-            data_folder=folder, input_shape=(40, 40, 40), spacing_mm=5.0, max_shift=3, width=0.125,
+            data="pairs", data_folder=pairs_csv, modality="mr", input_shape=(40, 40, 40), width=0.125,
             batch_size=1, diffusion_steps=1, steps=1, checkpoint_every=1, validate_every=0, output=output,
         )
         model = train(config)
@@ -24,10 +24,11 @@ def _rank_main(rank: int, world: int, store: str, folder: str, output: str, resu
 
 
 def test_two_gloo_ranks_hold_identical_weights(tmp_path):
-    folder = str(shared_data_path("synthseg_label_maps"))
+    # the user's pairs: each rank reads them in a moment (the SynthSeg maps take seconds a process)
+    pairs_csv = str(monai_pairs_csv(tmp_path))
     mp.spawn(
         _rank_main,
-        args=(2, str(tmp_path / "store"), folder, str(tmp_path / "run"), str(tmp_path)),
+        args=(2, str(tmp_path / "store"), pairs_csv, str(tmp_path / "run"), str(tmp_path)),
         nprocs=2,
         join=True,
     )

@@ -1,6 +1,7 @@
 """The shipped models: their cards' figures are what the benchmark computes from the shipped weights."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -8,6 +9,9 @@ import pytest
 from carlreg.models import load_model
 from carlreg.registry import WEIGHTS_DIR, available_models, model_card, sha256_of
 from conftest import REPO, load_bench, shared_data_path
+
+#: the per-pair figures of bench/results/retina.csv
+FIGURES = ("dice", "folding_percent", "folding_in_retina_percent")
 
 #: the models whose weights ship with the package (others, like uniCARL, are downloaded on first use)
 SHIPPED = [name for name in available_models() if (WEIGHTS_DIR / model_card(name)["file"]).is_file()]
@@ -30,17 +34,28 @@ def test_every_card_is_complete_and_its_weights_match():
 
 
 def test_retina_cards_are_what_the_benchmark_computes_from_the_shipped_weights():
+    """The cards' figures summarise bench/results/retina.csv's rows; the shipped weights recompute
+    those rows (every test image and flip, the first of its warps: a warp's draw does not depend
+    on how many are drawn, so pair ``k`` here is pair ``k · warps_per_image`` there)."""
     retina = load_bench("retina")
-    cards = {name: model_card(name) for name in ("carl-retina-2d", "unet-retina-2d")}
     recorded = json.loads((REPO / "bench" / "results" / "retina.json").read_text())
-    models = {"CARL": load_model("carl-retina-2d", "cpu"), "displacement-only": load_model("unet-retina-2d", "cpu")}
-    summary = retina.summarise(retina.evaluate(models, recorded["warps_per_image"], shared_data_path("drive")))
+    with open(REPO / "bench" / "results" / "retina.csv", newline="") as handle:
+        rows = [{**row, "pair": int(row["pair"]), **{key: float(row[key]) for key in FIGURES}} for row in csv.DictReader(handle)]
+    summary = retina.summarise(rows)
+    assert summary == recorded["summary"]
     for method, name in (("CARL", "carl-retina-2d"), ("displacement-only", "unet-retina-2d")):
-        for variant, figures in cards[name]["metrics"]["test_pairs"].items():
-            assert summary[method][variant]["pairs"] == figures["pairs"]
-            # thread counts may flip a few nearest-neighbour pixels, nothing more
-            assert summary[method][variant]["dice"] == pytest.approx(figures["dice"], abs=2e-3)
-            assert summary[method][variant]["folding_percent"] == pytest.approx(figures["folding_percent"], abs=0.05)
+        metrics = model_card(name)["metrics"]
+        assert metrics["test_pairs"] == summary[method]
+        assert metrics["no_registration"] == summary["none"]
+    models = {"CARL": load_model("carl-retina-2d", "cpu"), "displacement-only": load_model("unet-retina-2d", "cpu")}
+    recomputed = retina.evaluate(models, 1, shared_data_path("drive"))
+    by_key = {(r["variant"], r["pair"], r["method"]): r for r in rows}
+    assert len(recomputed) * recorded["warps_per_image"] == len(rows)
+    for row in recomputed:
+        expected = by_key[row["variant"], row["pair"] * recorded["warps_per_image"], row["method"]]
+        # thread counts may flip a few nearest-neighbour pixels, nothing more
+        assert row["dice"] == pytest.approx(expected["dice"], abs=2e-3), expected
+        assert row["folding_percent"] == pytest.approx(expected["folding_percent"], abs=0.05), expected
 
 
 def test_brain_cards_are_what_the_benchmark_computes_and_carl_meets_its_target(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from carlreg.data import PairsSource, SynthSegSource
 from carlreg.models import load_model
 from carlreg.train import TrainConfig, load_checkpoint, train
-from conftest import shared_data_path
+from conftest import monai_pairs_csv, shared_data_path
 
 SHAPE = (40, 40, 40)
 
@@ -22,23 +22,11 @@ def _config(folder, output):
     )
 
 
-def _pairs_csv(tmp_path):
-    """The user's own pairs as a CSV: the MONAI anatomical pair and its label maps."""
-    folder = shared_data_path("tiny_fixtures", "monai_anatomical_pair")
-    csv_path = tmp_path / "pairs.csv"
-    csv_path.write_text(
-        "moving,fixed,moving_labels,fixed_labels\n"
-        f"{folder / 'reoriented_anat_moved.nii'},{folder / 'anatomical.nii'},"
-        f"{folder / 'reoriented_anat_moved_label.nii.gz'},{folder / 'anatomical_label.nii.gz'}\n"
-    )
-    return csv_path
-
-
 def _pairs_config(tmp_path, output, **changes):
     """A short run on the user's pairs, which a run reads in a moment (a fresh process, or a new
     input shape, resamples the SynthSeg label maps for seconds)."""
     settings = dict(
-        data="pairs", data_folder=str(_pairs_csv(tmp_path)), modality="mr", input_shape=SHAPE, width=0.125,
+        data="pairs", data_folder=str(monai_pairs_csv(tmp_path)), modality="mr", input_shape=SHAPE, width=0.125,
         batch_size=1, diffusion_steps=1, steps=2, checkpoint_every=1, validate_every=0, output=str(output),
     )
     return TrainConfig(**{**settings, **changes})
@@ -124,7 +112,7 @@ def test_dark_background_is_black_like_the_padding_around_the_box():
 
 
 def test_training_on_the_users_own_pairs(tmp_path):
-    csv_path = _pairs_csv(tmp_path)
+    csv_path = monai_pairs_csv(tmp_path)
     config = TrainConfig(
         data="pairs", data_folder=str(csv_path), validation_csv=str(csv_path), modality="mr", input_shape=SHAPE,
         width=0.125, batch_size=2, diffusion_steps=1, steps=2, checkpoint_every=2, validate_every=2,
