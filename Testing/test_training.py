@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from carlreg.data import PairsSource, SynthSegSource
+from carlreg.data import PairsSource, SynthSegSource, _translate, random_contrast
 from carlreg.models import load_model
-from carlreg.train import TrainConfig, load_checkpoint, train
+from carlreg.train import TrainConfig, _make_source, load_checkpoint, train
 from conftest import monai_pairs_csv, shared_data_path
 
 SHAPE = (40, 40, 40)
@@ -96,6 +96,35 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert parameters and all(torch.equal(value, final_straight[name]) for name, value in parameters.items())
     config.init_from, config.output = "", str(tmp_path / "from_scratch")
     assert not all(torch.equal(v, final_straight[n]) for n, v in train(config).named_parameters())
+
+
+def test_relative_shifts_train_the_largest_offsets_as_often_as_the_small_ones():
+    """``shifts="relative"``: a pair's relative shift is uniform up to twice ``max_shift`` per axis
+    and each image stays within ``max_shift`` (``each``, independent shifts, would draw the
+    largest relative shift 2 times in 49, no shift 7 times); the batch's labels carry them."""
+    folder = shared_data_path("synthseg_label_maps")
+    limit = 3
+    source = SynthSegSource(folder, "validation", SHAPE, 5.0, max_shift=limit, shifts="relative")
+    generator = torch.Generator().manual_seed(0)
+    pairs = [source._relative_shifts(generator) for _ in range(400)]
+    assert all(abs(v) <= limit for moving, fixed in pairs for v in moving + fixed)
+    relative = torch.tensor([[m - f for m, f in zip(moving, fixed)] for moving, fixed in pairs]).flatten()
+    counts = torch.bincount(relative + 2 * limit, minlength=4 * limit + 1)
+    # 1200 draws on 13 values: ~92 each, every value drawn (no value more than twice another)
+    assert len(counts) == 4 * limit + 1 and int(counts.max()) < 2 * int(counts.min())
+    for seed in range(3):
+        # the batch's draws in order: the subjects, the contrast, then the pair's shifts
+        replay = torch.Generator().manual_seed(seed)
+        subjects = torch.randperm(len(source.labels), generator=replay)[:2].tolist()
+        random_contrast(source.max_label, replay, source.background)
+        shifts = source._relative_shifts(replay)
+        batch = source.batch(1, torch.Generator().manual_seed(seed))
+        for labels, subject, shift in zip((batch.moving_labels, batch.fixed_labels), subjects, shifts):
+            assert torch.equal(labels[0, 0], _translate(source.labels[subject], shift))
+    with pytest.raises(ValueError, match="shifts must be one of"):
+        SynthSegSource(folder, "validation", SHAPE, 5.0, shifts="uniform")
+    config = TrainConfig(data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, max_shift=limit, shifts="relative")
+    assert _make_source(config, "train").shifts == "relative"
 
 
 def test_dark_background_is_black_like_the_padding_around_the_box():

@@ -5,8 +5,8 @@ and the user's own pairs from a CSV.
 (FreeSurfer labels; brain structures below 100, extra-cerebral structures above 500). Subjects
 01–15 train, 16–18 validate, 19–20 stay untouched until the final evaluation. Each map is
 reoriented to RAS, resampled (nearest) onto a box of the training shape around its centre and
-kept as a label tensor. Every step draws a moving and a fixed subject, translates each
-independently by a random number of voxels, and synthesises an image from each: a random
+kept as a label tensor. Every step draws a moving and a fixed subject, translates each by a
+random number of voxels (:data:`SHIFT_MODES`), and synthesises an image from each: a random
 intensity per label, a Gaussian blur, a smooth multiplicative bias field and noise, rescaled to
 [0, 1], so that the network does not learn one MR contrast. The two images of a pair share their
 intensity per label (blur, bias and noise are drawn for each): training is unsupervised with
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,6 +56,12 @@ BRAIN_LABEL_LIMIT = 100
 #: zero padding around the network's box, so the network cannot tell where the box ends
 #: (``bench/equivariance.py`` measures what that costs the equivariance).
 BACKGROUNDS = ("random", "dark")
+#: how a pair's translations are drawn, in whole voxels per axis: ``each``, every image by up to
+#: ``max_shift`` independently (relative shifts up to twice that, but mostly small: a relative
+#: shift of ``2·max_shift`` is one draw in ``(2·max_shift + 1)²``); ``relative``, the pair's
+#: relative shift uniform up to ``2·max_shift``, each image still within ``max_shift`` (so that
+#: the largest offsets, the capture range, are trained as often as the small ones)
+SHIFT_MODES = ("each", "relative")
 
 
 class LabelPair(NamedTuple):
@@ -143,16 +149,20 @@ class SynthSegSource:
         folder: ``synthseg_label_maps`` (``training_seg_NN.nii.gz``).
         split: ``train``, ``validation`` or ``test``.
         shape: network input shape, tensor order; spacing_mm: its voxel size.
-        max_shift: largest translation, in voxels per axis, applied to each image independently.
+        max_shift: largest translation of each image, in voxels per axis.
         background: the synthesised background (:data:`BACKGROUNDS`).
+        shifts: how the two images' translations are drawn (:data:`SHIFT_MODES`).
     """
 
     def __init__(
         self, folder: Path, split: str, shape: Sequence[int], spacing_mm: float, max_shift: int = 0,
-        background: str = "random",
+        background: str = "random", shifts: str = "each",
     ) -> None:
         _check_background(background, "SynthSegSource()")
+        if shifts not in SHIFT_MODES:
+            raise ValueError(f"SynthSegSource(): shifts must be one of {SHIFT_MODES}, got {shifts!r}")
         self.background = background
+        self.shifts = shifts
         if split not in SPLITS:
             raise ValueError(f"SynthSegSource(): split must be one of {sorted(SPLITS)}, got {split!r}")
         self.shape = tuple(int(n) for n in shape)
@@ -165,11 +175,23 @@ class SynthSegSource:
         self.labels: List[torch.Tensor] = [load_label_map(p, self.shape, spacing_mm) for p in paths]
         self.max_label = int(max(int(t.max()) for t in self.labels))
 
-    def _image(self, labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor):
+    def _image(self, labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor,
+               shift: Optional[List[int]] = None):
+        """An image of ``labels`` moved by ``shift`` (voxels; None: drawn here, ``each``)."""
         if self.max_shift:
-            shift = torch.randint(-self.max_shift, self.max_shift + 1, (3,), generator=generator).tolist()
+            if shift is None:
+                shift = torch.randint(-self.max_shift, self.max_shift + 1, (3,), generator=generator).tolist()
             labels = _translate(labels, shift)
         return synthesize_image(labels, generator, intensities, self.background), labels[None, None]
+
+    def _relative_shifts(self, generator: torch.Generator) -> Tuple[List[int], List[int]]:
+        """``relative``: the moving and fixed images' shifts, their difference uniform in
+        ``[−2·max_shift, 2·max_shift]`` per axis, each within ``max_shift``."""
+        limit = self.max_shift
+        relative = torch.randint(-2 * limit, 2 * limit + 1, (3,), generator=generator).tolist()
+        moving = [int(torch.randint(max(-limit, d - limit), min(limit, d + limit) + 1, (1,), generator=generator))
+                  for d in relative]
+        return moving, [m - d for m, d in zip(moving, relative)]
 
     def batch(self, batch_size: int, generator: torch.Generator) -> LabelPair:
         """``batch_size`` pairs of two different subjects with a shared random contrast, drawn with ``generator``."""
@@ -177,9 +199,10 @@ class SynthSegSource:
         for _ in range(batch_size):
             first, second = torch.randperm(len(self.labels), generator=generator)[:2].tolist()
             intensities = random_contrast(self.max_label, generator, self.background)
+            shifts = self._relative_shifts(generator) if self.shifts == "relative" and self.max_shift else (None, None)
             parts.append(
-                self._image(self.labels[first], generator, intensities)
-                + self._image(self.labels[second], generator, intensities)
+                self._image(self.labels[first], generator, intensities, shifts[0])
+                + self._image(self.labels[second], generator, intensities, shifts[1])
             )
         moving, moving_labels, fixed, fixed_labels = (torch.cat(t) for t in zip(*parts))
         return LabelPair(moving, fixed, moving_labels, fixed_labels)

@@ -66,7 +66,10 @@ class TrainConfig:
     #: carry over to another, and the model card's ``input_shape`` stays the smallest box.
     box_shape: Tuple[int, ...] = ()
     spacing_mm: float = 2.2
+    #: synthseg3d: the largest translation of each image (voxels per axis), and how a pair's two
+    #: translations are drawn (``each`` or ``relative``, see :data:`carlreg.data.SHIFT_MODES`)
     max_shift: int = 8
+    shifts: str = "each"
     variant: str = "final_final"
     fourth_step: bool = False
     first_step: str = "attention"
@@ -152,7 +155,8 @@ def _make_source(config: TrainConfig, split: str):
     if config.data != "synthseg3d":
         raise ValueError(f"train(): data source must be 'synthseg3d', 'drive2d' or 'pairs', got {config.data!r}")
     max_shift = config.max_shift if split == "train" else 0
-    return SynthSegSource(Path(config.data_folder), split, config.box, config.spacing_mm, max_shift, config.background)
+    return SynthSegSource(Path(config.data_folder), split, config.box, config.spacing_mm, max_shift, config.background,
+                          config.shifts)
 
 
 @torch.no_grad()
