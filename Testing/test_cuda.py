@@ -110,6 +110,13 @@ def deterministic_cudnn():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
+def _second_moments(optimizer_state: dict) -> float:
+    """The sum of Adam's second-moment estimates over all parameters, after checking each took 3 steps."""
+    states = optimizer_state["state"].values()
+    assert states and all(float(state["step"]) == 3 for state in states)
+    return sum(float(state["exp_avg_sq"].double().sum()) for state in states)
+
+
 def test_training_on_the_gpu_resumes_exactly(tmp_path, deterministic_cudnn):
     """Three steps straight, or two then a resume, on the grid of the shipped model's recipe
     (the carry's label maps are resampled onto it); the GPU checkpoint loads on the CPU."""
@@ -144,7 +151,11 @@ def test_training_on_the_gpu_resumes_exactly(tmp_path, deterministic_cudnn):
     final = [torch.load(path / "model.pt", map_location="cpu", weights_only=True) for path in (straight, interrupted)]
     differences = torch.cat([(final[0][name].float() - final[1][name].float()).abs().flatten() for name in final[0]])
     assert float(differences.max()) <= 3 * 2 * learning_rate
-    assert float((differences > 1e-6).float().mean()) < 1e-3
+    # the optimizer state went on, not restarted: Adam's second moments sum three steps' squared
+    # gradients (one, had the resume lost them); atomic adds left 3.7 % of the weights more than
+    # 1e-6 apart on an H200 (2026-11-28), so the weights alone cannot show it
+    moments = [_second_moments(load_checkpoint(path / "checkpoint.pt")["optimizer"]) for path in (straight, interrupted)]
+    assert moments[1] == pytest.approx(moments[0], rel=1e-2)
     assert load_model(interrupted / "checkpoint.pt", "cpu").input_spacing_mm == recipe["spacing_mm"]
 
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: bench/gpu_check.py (the cuda tests, then timings), then a training
+# burst of the two capture-range recipes side by side on the same GPU, each from its shipped weights
+# (CARL: weights/training/carl-brain-3d-capture.json, as .gpu-carry/train-config.json; the
+# displacement-only baseline: unet-brain-3d-capture.json), on the label maps that bench/gpu_carry.py
+# resampled onto their common box. Under OUT come back the check's files and both runs' logs in
+# session.tar.gz and each run's checkpoint.pt in 15 MiB parts (the tool returns files of at most
+# 16 MiB, 64 MiB in all); `cat NAME.part-* > checkpoint.pt` rebuilds it, and the run resumes on any
+# device. The runs are written to build/gpu-runs (ignored: kept while the machine stays warm), so a
+# checkpoint over the total is fetched by a second call: `bash bench/gpu_session.sh fetch $OUT RUN`.
+#
+# Prepare here: make gpu-carry. The device call:
+# run(command="bash bench/gpu_session.sh $OUT 3.5 5", carry=[".gpu-carry"], timeout_s=595)
+# Arguments: OUT, the check's budget in minutes, each burst's minutes. PY names the interpreter.
+set -u
+runs=build/gpu-runs
+if [ "${1:-}" = fetch ]; then
+    split -b 15M "$runs/${3:?usage: gpu_session.sh fetch OUT RUN}/checkpoint.pt" "${2:?}/$3.part-"
+    exit
+fi
+out=${1:?usage: gpu_session.sh OUT CHECK_MINUTES TRAIN_MINUTES}
+check_minutes=${2:?}
+train_minutes=${3:?}
+py=${PY:-python3}
+export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+mkdir -p "$work/check"
+
+# its budget skips rows; the timeout ends a row that outlives it
+timeout "$(awk "BEGIN {print $check_minutes * 60 + 30}")" \
+    $py bench/gpu_check.py --carry .gpu-carry --out "$work/check" --budget-minutes "$check_minutes" \
+    > "$work/check/gpu-check.log" 2>&1
+echo "gpu_check: exit $?"
+
+$py -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import gpu_carry; \
+gpu_carry.unpack_site(Path('.gpu-carry'), Path('$work/site'))" || exit 1
+export PYTHONPATH="$work/site:CARLRegistration${PYTHONPATH:+:$PYTHONPATH}"
+# each process synthesises its pairs on the CPU: half the cores each
+export OMP_NUM_THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+common=(--device "${DEVICE:-cuda}" --max-minutes "$train_minutes" --progress json --set checkpoint_every=100)
+$py -m carlreg train --config .gpu-carry/train-config.json --set output=$runs/carl-brain-3d-capture \
+    "${common[@]}" > "$work/carl-train.log" 2>&1 &
+$py -m carlreg train --config weights/training/unet-brain-3d-capture.json --set output=$runs/unet-brain-3d-capture \
+    --set data_folder=.gpu-carry/data/synthseg_label_maps "${common[@]}" > "$work/unet-train.log" 2>&1 &
+wait
+room=$(( 60 * 2**20 ))
+for run in carl-brain-3d-capture unet-brain-3d-capture; do
+    tail -n 2 "$runs/$run/log.jsonl"
+    mkdir -p "$work/$run" && cp "$runs/$run"/{log.jsonl,config.json} "$work/$run/"
+    size=$(stat -c %s "$runs/$run/checkpoint.pt")
+    if [ "$size" -le "$room" ]; then
+        split -b 15M "$runs/$run/checkpoint.pt" "$out/$run.part-" && room=$(( room - size ))
+    else
+        echo "$run/checkpoint.pt left on the machine (over the tool's total): bash bench/gpu_session.sh fetch \$OUT $run"
+    fi
+done
+tar -czf "$out/session.tar.gz" -C "$work" check carl-train.log unet-train.log carl-brain-3d-capture unet-brain-3d-capture
+ls -la "$out"
