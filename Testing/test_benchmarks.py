@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from conftest import load_bench, shared_data_path
@@ -59,3 +60,17 @@ def test_equivariance_error_is_zero_for_an_equivariant_map_and_the_shift_for_one
             ignored = equivariance.equivariance_error_mm(identity_map(shape), identity_map(shape), mask, axis, voxels, unit_mm)
             assert np.allclose(ignored, voxels * spacing_mm, atol=1e-4)
             assert ignored.size == mask.narrow(2 + axis, 0, shape[axis] - voxels).sum()
+
+
+def test_a_sweep_rerun_for_new_weights_keeps_the_peers_committed_rows():
+    """``--keep none,ants,elastix``: their rows come from the committed CSV, as numbers, one per axis
+    and shift, with the date of the run that measured them; our own rows cannot be kept."""
+    brain = load_bench("brain")
+    rows, date = brain.kept_rows("brain_sweep", ["ants", "elastix"])
+    assert date == (brain.RESULTS / "brain_sweep.txt").read_text().split(", ")[1] and date.startswith("20")
+    assert len(rows) == 2 * 3 * 7 and {row["method"] for row in rows} == {"ants", "elastix"}
+    ants_x = [row for row in rows if row["method"] == "ants" and row["axis"].startswith("x")]
+    assert [row["shift_mm"] for row in ants_x] == list(brain.SWEEP_SHIFTS_MM)
+    assert all(isinstance(row["dice"], float) and 0.5 < row["dice"] < 0.7 for row in ants_x)
+    with pytest.raises(SystemExit, match="do not depend on our weights"):
+        brain.kept_rows("brain_sweep", ["ours"])

@@ -28,3 +28,12 @@ def test_a_refresh_of_a_shipped_card_changes_nothing(name):
     assert card == shipped
     assert "test_pairs" in card["metrics"]
     assert (WEIGHTS_DIR / f"{name}.md").read_text() == ship.markdown(card)
+
+
+def test_the_card_says_where_each_part_of_a_run_trained():
+    """A run that went on elsewhere (a GPU burst, then the CPU): steps and hours per device, in
+    order of first use, from the log's records (older records, without a device, were a CPU's)."""
+    records = ([{"seconds": 0.2, "device": "GPU NVIDIA H200"}] * 3 + [{"seconds": 1800.0, "device": "CPU AMD EPYC, 2 threads"}] * 2
+               + [{"seconds": 720.0}])
+    assert _ship()._hardware(records) == ("3 steps, 0.00 h on GPU NVIDIA H200; 2 steps, 1.00 h on CPU AMD EPYC, 2 threads; "
+                                          "1 step, 0.20 h on CPU (not logged)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from carlreg.data import PairsSource, SynthSegSource, _translate, random_contrast
+from carlreg.device import describe_device
 from carlreg.models import load_model
 from carlreg.train import TrainConfig, _make_source, load_checkpoint, train
 from conftest import monai_pairs_csv, shared_data_path
@@ -63,6 +64,8 @@ def test_resumed_run_continues_exactly(tmp_path):
     reports = []
     train(_config(folder, straight), progress=reports.append)
     assert [r.step for r in reports] == [1, 2]
+    records = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert {record["device"] for record in records} == {describe_device(torch.device("cpu"))}
     train(_config(folder, interrupted), max_steps_this_run=1)
     assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 1
     # a line logged after the checkpoint by a run killed before its next checkpoint is dropped on resume

@@ -29,7 +29,7 @@ differently would lose it); ours, the displacement-only network trained the same
 (``--unet-model``), ANTs and Elastix (``--methods`` also takes ours_cover). Dice and folding.
 
 Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_cover,ours_svf,ours_svf_4mm,ours_io,displacement_only,ants,elastix] [--background dark|random]
-       python bench/brain.py --sweep [--model ...] [--unet-model ...] [--methods ...] [--output brain_sweep]
+       python bench/brain.py --sweep [--model ...] [--unet-model ...] [--methods ...] [--keep none,ants,elastix] [--output brain_sweep]
 Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png}.
 """
 from __future__ import annotations
@@ -198,9 +198,31 @@ def run_in_fresh_process(method: str, moving: dict, fixed: dict, model: str, io_
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def sweep(model: str, unet_model: str, methods, output: str) -> None:
-    """Dice against the fixed image's shift along each axis (the paper's Fig. 4), pair 19 → 20."""
-    rows = []
+#: the sweep's methods whose figures do not depend on our weights (``--keep``)
+PEER_METHODS = ("none", "ants", "elastix")
+
+
+def kept_rows(output: str, methods) -> tuple:
+    """The rows of ``methods`` (of :data:`PEER_METHODS`) from the committed ``<output>.csv``, with
+    the date its table states: a new model reruns its own rows only (ANTs and Elastix take most of
+    the sweep's hour, and their figures do not depend on our weights)."""
+    if not set(methods) <= set(PEER_METHODS):
+        raise SystemExit(f"bench/brain.py --keep: only {', '.join(PEER_METHODS)} (their figures do not depend on our "
+                         f"weights), got {', '.join(methods)}")
+    with open(RESULTS / f"{output}.csv", newline="") as handle:
+        rows = [dict(row, shift_mm=int(row["shift_mm"]), **{key: float(row[key]) for key in row if key not in ("axis", "method", "shift_mm")})
+                for row in csv.DictReader(handle) if row["method"] in methods]
+    expected = len(methods) * len(AXES) * len(SWEEP_SHIFTS_MM)
+    if len(rows) != expected:
+        raise SystemExit(f"bench/brain.py --keep: expected {expected} rows of {', '.join(methods)} in {output}.csv, found {len(rows)}")
+    date = (RESULTS / f"{output}.txt").read_text().split(", ")[1]
+    return rows, date
+
+
+def sweep(model: str, unet_model: str, methods, output: str, keep=()) -> None:
+    """Dice against the fixed image's shift along each axis (the paper's Fig. 4), pair 19 → 20;
+    the rows of the ``keep`` methods are the committed ones (:func:`kept_rows`)."""
+    rows, kept_date = kept_rows(output, keep) if keep else ([], "")
     for axis_name, axis in AXES.items():
         for shift in SWEEP_SHIFTS_MM:
             shift_lps = [0.0, 0.0, 0.0]
@@ -213,8 +235,10 @@ def sweep(model: str, unet_model: str, methods, output: str) -> None:
                     figures = run_in_fresh_process(method, moving, fixed, chosen, 0)
                     rows.append({"axis": axis_name, "shift_mm": shift, "method": method, **figures})
                     print(json.dumps(rows[-1]), file=sys.stderr)
+    kept = f"; rows of {', '.join(keep)} from the run of {kept_date}" if keep else ""
+    methods = [method for method in METHODS if method in methods or method in keep]
     lines = [f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{versions()}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures",
+             f"{versions()}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures{kept}",
              f"{'axis':<9} {'method':<18} " + " ".join(f"{s:>5}mm" for s in SWEEP_SHIFTS_MM)]
     for key, title in (("dice", None), ("folding_percent", "folding % (Jacobian determinant ≤ 0)")):
         if title:
@@ -256,6 +280,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default="", help=f"comma-separated, of {METHODS} (sweep: {SWEEP_METHODS})")
     parser.add_argument("--output", default="", help="result file stem in bench/results (brain, or brain_sweep)")
     parser.add_argument("--sweep", action="store_true", help="the translation sweep instead of the accuracy table")
+    parser.add_argument("--keep", default="", help=f"sweep: comma-separated, of {PEER_METHODS}: their rows are the committed ones")
     parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network (sweep)")
     parser.add_argument("--background", default="dark", choices=BACKGROUNDS,
                         help="the test images' synthesised background (accuracy table)")
@@ -272,8 +297,9 @@ def main(argv=None) -> None:
         print(json.dumps(figures))
         return
     if args.sweep:
-        methods = [m for m in (args.methods or ",".join(SWEEP_METHODS)).split(",") if m]
-        sweep(args.model, args.unet_model, methods, args.output or "brain_sweep")
+        keep = [m for m in args.keep.split(",") if m]
+        methods = [m for m in (args.methods or ",".join(SWEEP_METHODS)).split(",") if m and m not in keep]
+        sweep(args.model, args.unet_model, methods, args.output or "brain_sweep", keep)
         return
     methods = [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m]
     args.output = args.output or "brain"

@@ -71,7 +71,7 @@ MODELS = {
         "metrics_method": "ours",
         "io_method": "ours_io",
         #: the run its weights come from (default: weights/training/NAME)
-        "run": "weights/training/carl-brain-3d-dark",
+        "run": "weights/training/carl-brain-3d-capture",
         "use": "research and evaluation: deformable brain MR registration without pre-alignment; not for clinical decisions",
     },
     "unet-brain-3d": {
@@ -81,6 +81,7 @@ MODELS = {
         "metrics_file": "bench/results/brain.json",
         "metrics_method": "displacement_only",
         "baseline_for": "carl-brain-3d",
+        "run": "weights/training/unet-brain-3d-capture",
         "use": "research: the baseline CARL is compared with in bench/brain.py; not for clinical images",
     },
 }
@@ -94,12 +95,25 @@ def _initialised_from(name: str, config: dict):
     if not source:
         return None
     shipped = WEIGHTS_DIR / f"{name}.json"
-    if not (REPO / source).is_file() and shipped.is_file():
+    # a run from the shipped weights replaces that very file: the first pass records its hash
+    replaced = (REPO / source).resolve() == (WEIGHTS_DIR / f"{name}.pt").resolve()
+    if (replaced or not (REPO / source).is_file()) and shipped.is_file():
         known = json.loads(shipped.read_text())["training"].get("initialised_from")
         if known and known["file"] == source:
             return known
     state = load_checkpoint(REPO / source)
-    return {"file": source, "step": int(state["step"]) if "step" in state else None}
+    return {"file": source, "step": int(state["step"]) if "step" in state else None, "sha256": sha256_of(REPO / source)}
+
+
+def _hardware(records: list) -> str:
+    """Where the run's steps ran, from its log: ``"N steps, H h on DEVICE"`` per device, in order
+    of first use (records from before the log named devices: a CPU)."""
+    summary: dict = {}
+    for record in records:
+        steps, seconds = summary.get(record.get("device", "CPU (not logged)"), (0, 0.0))
+        summary[record.get("device", "CPU (not logged)")] = (steps + 1, seconds + record.get("seconds", 0.0))
+    return "; ".join(f"{steps} step{'s' * (steps != 1)}, {seconds / 3600:.2f} h on {device}"
+                     for device, (steps, seconds) in summary.items())
 
 
 def _metrics_of(name: str, sha256: str, metrics_path: Path) -> dict:
@@ -177,7 +191,7 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "config": f"weights/training/{run.name}.json",
             "initialised_from": _initialised_from(name, config),
             "wall_clock_hours": round(sum(r.get("seconds", 0.0) for r in records) / 3600, 2),
-            "hardware": "2 CPU cores (x86-64, AVX-512), no GPU",
+            "hardware": _hardware(records),
         },
         "metrics": card_metrics,
         "use": info["use"],
@@ -203,8 +217,9 @@ def markdown(card: dict) -> str:
         f"seed {training['seed']}; config `{training['config']}`"
         + (f"; started from the weights of `{training['initialised_from']['file']}`"
            + (f" (step {training['initialised_from']['step']})" if training["initialised_from"]["step"] is not None else "")
+           + (f", SHA256 `{training['initialised_from']['sha256'][:12]}…`" if training["initialised_from"].get("sha256") else "")
            if training.get("initialised_from") else ""),
-        f"- Wall-clock training time: {training['wall_clock_hours']} h on {training['hardware']}",
+        f"- Wall-clock training time: {training['wall_clock_hours']} h — {training['hardware']}",
         f"- Use: {card['use']}" + (f" (the baseline of `{card['baseline_for']}`)" if card.get("baseline_for") else ""),
         f"- Licence: {card['license']}",
         "",

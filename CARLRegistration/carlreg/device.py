@@ -8,11 +8,12 @@ float32); it is for inference on hardware with native bfloat16 support.
 from __future__ import annotations
 
 import contextlib
+import platform
 from typing import ContextManager, Union
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "bf16_supported", "resolve_precision", "precision_context"]
+__all__ = ["PRECISIONS", "resolve_device", "describe_device", "bf16_supported", "resolve_precision", "precision_context"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -52,6 +53,26 @@ def resolve_device(choice: Union[str, torch.device, None] = "auto") -> torch.dev
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"resolve_device(): expected auto, cpu, cuda[:N] or mps, got {choice!r}")
     return device
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:  # Linux names the model there; platform does not
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: torch.device) -> str:
+    """``device`` in words, for logs and model cards: the GPU's name, or the CPU's thread count."""
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"CPU {_cpu_name()}, {torch.get_num_threads()} threads"
+    return device.type.upper()
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import BRAIN_LABEL_LIMIT, PairsSource, SynthSegSource
+from .device import describe_device
 from .io import atomic_outputs
 from .losses import make_objective
 from .maps import sample
@@ -227,6 +228,8 @@ def train(
     end = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
     reporter = StageReporter("training", end - start, progress, should_cancel)
     deadline = None if max_seconds_this_run is None else time.monotonic() + max_seconds_this_run
+    # each step's record names its device: a run may go on elsewhere (a GPU burst, then the CPU)
+    hardware = describe_device(device)
     model.train()
     log = open(output / "log.jsonl", "a") if rank == 0 else None
     try:
@@ -250,6 +253,7 @@ def train(
                     "similarity": float(terms.similarity.detach()),
                     "regularity": float(terms.regularity.detach()),
                     "seconds": time.perf_counter() - began,
+                    "device": hardware,
                 }
                 if done % config.checkpoint_every == 0 or stopping:
                     _save(model, optimizer, done, config, output)
