@@ -117,8 +117,8 @@ def _register_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine-regularization", type=float,
                         help="--io-mode svf: weight of the velocity's smoothness (default 1)")
     parser.add_argument("--network-box", choices=["trained", "cover"], default="trained",
-                        help="grow the network's box to hold both images up to the box the model was trained on "
-                             "(default) or up to twice its input shape (more capture range, may fold in the background)")
+                        help="run the network on the box the model was trained on (default), or grow it to hold "
+                             "both images, up to twice its input shape (more capture range, may fold in the background)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--field-spacing", type=float, help="transform grid spacing in mm (default: the fixed image's)")

@@ -131,17 +131,19 @@ MAX_BOX_FACTOR = 2
 
 
 def _network_box(network: nn.Module, images, spacing_mm: Optional[float], network_box: str) -> Tuple[int, ...]:
-    """The box the network runs on. CARL networks at a physical spacing grow theirs from the input
-    shape to hold both images whole (:func:`carlreg.geometry.covering_box`), up to the largest box
-    they were trained on (``"trained"``) or beyond it, up to twice the input shape (``"cover"``); the others
+    """The box the network runs on. CARL networks at a physical spacing run on the box their
+    weights were trained on (``"trained"``: the images sit in it as the training images did, with
+    their background around; what lies beyond it is cut), or grow it to hold both images whole
+    (:func:`carlreg.geometry.covering_box`), up to twice the input shape (``"cover"``); the others
     keep their own input shape."""
     config = _declared(network, "config")
     if spacing_mm is None or not isinstance(config, CARLConfig):
         return tuple(int(n) for n in network.input_shape)
-    largest = config.largest_box
-    if network_box == "cover":
-        largest = [max(n, MAX_BOX_FACTOR * m) for n, m in zip(largest, config.input_shape)]
-    return covering_box(images, spacing_mm, config.input_shape, largest)
+    trained = config.largest_box
+    if network_box == "trained":
+        return tuple(int(n) for n in trained)
+    largest = [max(n, MAX_BOX_FACTOR * m) for n, m in zip(trained, config.input_shape)]
+    return covering_box(images, spacing_mm, trained, largest)
 
 
 @contextlib.contextmanager
@@ -339,8 +341,9 @@ def register(
             on the same lattice, grows to cover the moving image's extent too, so that ITK and
             Slicer agree there as well (the warped image is the same; folding is counted over the
             fixed extent).
-        network_box: ``trained``: the box grows up to the largest the model was trained on;
-            ``cover``: up to twice its input shape, beyond what it was trained on (the shipped brain
+        network_box: ``trained``: the box the model was trained on (its card's ``box_shape``, else
+            its input shape); ``cover``: that box grown to hold both images whole, up to twice
+            the input shape, beyond what it was trained on (the shipped brain
             model, trained on a 192 mm box, then holds offsets of 60 mm in view but folds its
             map in the background: bench/brain.py --sweep, README).
         precision: ``fp32`` or ``bf16`` for the network.
