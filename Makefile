@@ -73,13 +73,11 @@ bench-landmarks: $(VENV)/.bench-installed
 ship-brain: $(VENV)/.bench-installed
 	$(PY) weights/ship.py carl-brain-3d
 	$(PY) weights/ship.py unet-brain-3d
+	$(PY) bench/brain.py --sweep --keep none,ants,elastix
 	$(PY) bench/brain.py
 	$(PY) bench/brain.py --methods none,ours,ours_svf,ours_svf_4mm,ants,elastix --output brain_refine
-	$(PY) bench/brain.py --sweep --keep none,ants,elastix
 	$(PY) bench/brain.py --sweep --methods ours,ours_cover --output brain_sweep_cover
-	$(PY) bench/landmarks.py --output landmarks_all
-	$(PY) bench/landmarks.py --methods none,ours,ours_svf,ants,elastix
-	$(PY) bench/landmarks.py --methods ours_svf_4mm,ants --offsets 0 --output landmarks_4mm
+	$(PY) bench/landmarks.py
 	$(PY) bench/equivariance.py
 	$(PY) bench/known_warp.py
 	$(PY) bench/inverse.py

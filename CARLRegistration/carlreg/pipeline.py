@@ -37,7 +37,7 @@ from .network import CARLConfig, RegistrationModule, set_box
 from .optimize import instance_optimize
 from .preprocess import normalize_intensities, unicarl_preprocess
 from .progress import CancelCheck, ProgressCallback, StageReporter
-from .refine import Refinement, RefineSettings, compose, refine, refinement_grid
+from .refine import Refinement, RefineSettings, compose, refine, refinement_grid, smoothed_start
 
 __all__ = ["RegistrationResult", "register", "warp_image"]
 
@@ -385,6 +385,7 @@ def register(
     refinement, metrics = None, {}
     field_image = network_field
     if io_mode == "svf":
+        network_field = smoothed_start(network_field, refine_settings.start_sigma_mm)
         network_transform = sitk.DisplacementFieldTransform(sitk.Image(network_field))
         refinement = refine(fixed, moving, network_transform, grid, refine_settings, device, progress, should_cancel)
         field_image = compose(network_field, refinement.displacement_field(grid=grid))
@@ -397,6 +398,8 @@ def register(
         reverse_field = map_to_displacement_field(
             maps.moving_to_fixed, moving_oriented, fixed_oriented, output_grid(moving), spacing_mm
         )
+        if io_mode == "svf":  # the reverse of the smoothed start, as the start of its inversion
+            reverse_field = smoothed_start(reverse_field, refine_settings.start_sigma_mm)
         inverse_field = _inverse_field(network_field, reverse_field, refinement, inverse_method, progress, should_cancel)
         metrics.update(round_trip_error(field_image, inverse_field, fixed))
         inverse_transform = sitk.DisplacementFieldTransform(inverse_field)

@@ -30,7 +30,7 @@ from .losses import gaussian_blur, lncc
 from .progress import CancelCheck, ProgressCallback, StageReporter
 from .svf import GridSampler, smoothness
 
-__all__ = ["RefineSettings", "Refinement", "refine", "compose"]
+__all__ = ["RefineSettings", "Refinement", "refine", "smoothed_start", "compose"]
 
 STAGE = "refinement"
 #: margin around the fixed image's foreground where the refinement is computed; beyond it the
@@ -52,6 +52,8 @@ class RefineSettings:
     - ``regularization``: λ, the weight of the smoothness of ``v``.
     - ``step_voxels``: Adam's learning rate in voxels of each level.
     - ``squarings``: scaling-and-squaring steps of ``exp``.
+    - ``start_sigma_mm``: σ of the Gaussian that smooths the map's displacement before the
+      refinement starts from it (:func:`smoothed_start`; 0: as it is).
     """
 
     spacing_mm: float = 2.0
@@ -62,6 +64,7 @@ class RefineSettings:
     regularization: float = 1.0
     step_voxels: float = 0.25
     squarings: int = 6
+    start_sigma_mm: float = 12.0
 
     def per_level(self) -> List[int]:
         """The iterations of each level, coarsest first."""
@@ -81,10 +84,10 @@ class RefineSettings:
             )
         if self.velocity_coarsening < 1:
             raise ValueError(f"RefineSettings: velocity_coarsening must be ≥ 1, got {self.velocity_coarsening}")
-        if self.regularization < 0 or not self.step_voxels > 0 or self.squarings < 0:
+        if self.regularization < 0 or not self.step_voxels > 0 or self.squarings < 0 or self.start_sigma_mm < 0:
             raise ValueError(
-                f"RefineSettings: regularization ≥ 0, step_voxels > 0 and squarings ≥ 0 expected, got "
-                f"{self.regularization}, {self.step_voxels}, {self.squarings}"
+                f"RefineSettings: regularization ≥ 0, step_voxels > 0, squarings ≥ 0 and start_sigma_mm ≥ 0 expected, "
+                f"got {self.regularization}, {self.step_voxels}, {self.squarings}, {self.start_sigma_mm}"
             )
         self.per_level()
 
@@ -125,6 +128,17 @@ def _to_field_image(displacement: torch.Tensor, grid: sitk.Image) -> sitk.Image:
     """A ``(1, D, *S)`` displacement (mm along tensor axes) as an LPS displacement field on ``grid``."""
     along_index = displacement[0].detach().cpu().double().numpy()[::-1]  # x, y, z index axes first
     return _vector_image(np.moveaxis(np.tensordot(_direction(grid), along_index, axes=1), 0, -1), grid)
+
+
+def smoothed_start(field: sitk.Image, sigma_mm: float) -> sitk.Image:
+    """``field`` (an LPS mm displacement field) smoothed by a Gaussian of ``sigma_mm`` per
+    component (0: unchanged), as float64: the map a refinement starts from. A network's map on
+    its 3 mm grid errs at that scale in ways the refinement's smooth velocity does not undo; its
+    large scale (the capture of an offset, the head's shape) survives the smoothing, and the
+    refinement adds the detail (the real MR landmarks of bench/landmarks.py: README)."""
+    if sigma_mm == 0:
+        return field
+    return sitk.Cast(sitk.SmoothingRecursiveGaussian(field, sigma_mm), sitk.sitkVectorFloat64)
 
 
 def refinement_grid(region: sitk.Image, spacing_mm: float) -> sitk.Image:
