@@ -138,8 +138,9 @@ def _metrics_of(name: str, sha256: str, metrics_path: Path) -> dict:
 
 
 def _preprocessing(name: str, config: dict) -> str:
+    # the pipeline runs a network on the box it was trained on (carlreg.pipeline._network_box)
     return MODELS[name]["preprocessing"].format(
-        shape=" × ".join(map(str, config["input_shape"])), spacing_mm=config.get("spacing_mm"),
+        shape=" × ".join(map(str, config.get("box_shape") or config["input_shape"])), spacing_mm=config.get("spacing_mm"),
         background=BACKGROUND_TEXT[config.get("background", "random")])
 
 
@@ -208,7 +209,9 @@ def markdown(card: dict) -> str:
         f"- File: `{card['file']}` (state_dict; `torch.load(path, weights_only=True)`), SHA256 `{card['sha256']}`",
         f"- Architecture: CARL `{architecture['variant']}`, first step `{architecture['first_step']}`, "
         f"fourth step {'yes' if architecture['fourth_step'] else 'no'}, width {architecture['width']}, "
-        f"{architecture['dimension']}-D input {' × '.join(map(str, architecture['input_shape']))}",
+        f"{architecture['dimension']}-D input {' × '.join(map(str, architecture['input_shape']))}"
+        + (f", trained and run on a {' × '.join(map(str, architecture['box_shape']))} box"
+           if architecture.get("box_shape") else ""),
         f"- Modality: {card['modality']}",
         f"- Input: {card['preprocessing']}",
         f"- Training: `{training['data']}`{' (' + training['retina_variant'] + ')' if training['retina_variant'] else ''}, "

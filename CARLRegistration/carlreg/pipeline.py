@@ -343,9 +343,8 @@ def register(
             fixed extent).
         network_box: ``trained``: the box the model was trained on (its card's ``box_shape``, else
             its input shape); ``cover``: that box grown to hold both images whole, up to twice
-            the input shape, beyond what it was trained on (the shipped brain
-            model, trained on a 192 mm box, then holds offsets of 60 mm in view but folds its
-            map in the background: bench/brain.py --sweep, README).
+            the input shape, beyond what it was trained on (a model never trained on a box that
+            large may fold its map in the background: bench/brain.py --sweep, README).
         precision: ``fp32`` or ``bf16`` for the network.
         moving_labels, fixed_labels: label maps for the warped label map and Dice.
         fixed_landmarks, moving_landmarks: ``.fcsv``/``.mrk.json``/``.csv`` files for the TRE
