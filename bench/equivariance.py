@@ -6,7 +6,8 @@ construction (``Testing/test_equivariance.py``); for a trained Ξ it holds only 
 features are unaffected by the shift and the attention is concentrated. This script measures it.
 
 Pair 19 → 20 of ``bench/brain.py`` (the sweep's construction at 0 mm: the brains' centroids
-coincide), brought to the box each model was trained on, as ``carlreg.register`` does. The fixed image's
+coincide), brought to each model's input shape (``carlreg.register`` runs a network on the larger box it
+was trained on, where its edge is farther; here the edge effects show within 60 mm). The fixed image's
 content is then shifted within its box by k whole attention voxels (4 input voxels, 12 mm at the
 models' 3 mm) along each axis, zeros entering, and for each network and stage (the first step
 alone, the whole network) the error is |φ'(x) − φ(x − u)| in mm over the fixed brain voxels.
@@ -47,7 +48,7 @@ from carlreg.geometry import canonical_orientation, network_ratios, to_network  
 from carlreg.io import image_to_tensor  # noqa: E402
 from carlreg.maps import identity_map  # noqa: E402
 from carlreg.models import load_model  # noqa: E402
-from carlreg.network import AttentionRegistration, Down, TwoStep, set_box  # noqa: E402
+from carlreg.network import AttentionRegistration, Down, TwoStep  # noqa: E402
 from carlreg.pipeline import network_input  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -147,9 +148,7 @@ def feature_cosine(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor
 def measure(name: str, kind: str, moving_files: dict, fixed_files: dict) -> tuple:
     """Rows of errors for one network (``kind``: ours or displacement_only), and CARL's attention figures."""
     network = load_model(name, "cpu")
-    # the box carlreg.register runs the network on: the one its weights were trained on
-    shape = tuple(int(n) for n in network.config.largest_box)
-    set_box(network, shape)
+    shape = tuple(int(n) for n in network.input_shape)
     spacing_mm = network.input_spacing_mm
     images = {}
     for role, files in (("moving", moving_files), ("fixed", fixed_files)):
