@@ -267,7 +267,9 @@ def _network_field_grid(grid: sitk.Image, io_mode: str, refine_settings: RefineS
 
 
 def _metrics(moving, fixed, warped, jacobian, fixed_part, modality, shape, spacing_mm) -> Dict[str, float]:
-    """LNCC before and after on the fixed network grid, and folding over the fixed extent."""
+    """LNCC before and after on the fixed image's network grid of ``shape`` (the model's input
+    shape, so that a model's figures do not depend on the box it runs on), and folding over the
+    fixed extent."""
     identity = warp_image(moving, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
     determinant = sitk.GetArrayViewFromImage(jacobian)
     determinant = determinant if fixed_part is None else determinant[fixed_part]
@@ -404,7 +406,9 @@ def register(
         inverse_transform = sitk.DisplacementFieldTransform(inverse_field)
 
     reporter = StageReporter("metrics", 1, progress, should_cancel)
-    metrics.update(_metrics(moving, fixed, warped, jacobian, fixed_part, modality, shape, spacing_mm))
+    metrics.update(
+        _metrics(moving, fixed, warped, jacobian, fixed_part, modality, tuple(network.input_shape), spacing_mm)
+    )
     metrics["device"] = str(device)
     warped_labels = _evaluations(metrics, moving_labels, fixed_labels, fixed, transform, fixed_landmarks,
                                  moving_landmarks, landmarks_coordinate_system)
