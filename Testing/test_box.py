@@ -134,13 +134,15 @@ def test_a_head_moved_60_mm_maps_as_the_head_in_place_moved_on_the_trained_box()
 
 
 def test_the_network_runs_on_its_trained_box_or_one_grown_to_hold_the_images():
-    """``"trained"``: the box the weights were trained on, even for images a smaller one holds;
-    ``"cover"``: from that box up to twice the input shape, to hold both images whole."""
+    """``"trained"``: the box the weights were trained on, or for smaller images the box that
+    holds them plus the margin the trained box has beyond the input shape; ``"cover"``: from the
+    trained box up to twice the input shape, to hold both images whole."""
     from carlreg.pipeline import _network_box
 
     network = build_carl(3, (64, 72, 64), width=0.125, trained_box=(96, 104, 88), input_spacing_mm=3.0)
     small, wide = _image((100, 100, 100), (1.0, 1.0, 1.0)), _image((400, 300, 200), (1.0, 1.0, 1.0))
-    assert _network_box(network, [small], 3.0, "trained") == (96, 104, 88)
+    # 100 mm needs 35 voxels → 40, plus the margins (32, 32, 24), at least the input shape
+    assert _network_box(network, [small], 3.0, "trained") == (72, 72, 64)
     assert _network_box(network, [small, wide], 3.0, "trained") == (96, 104, 88)
     # x: 400 mm needs 135 voxels → 136, at most 2 × 64; y: 300 mm → 104; z: 200 mm → 72, at least 96
     assert _network_box(network, [small, wide], 3.0, "cover") == (96, 104, 128)

@@ -133,7 +133,8 @@ MAX_BOX_FACTOR = 2
 def _network_box(network: nn.Module, images, spacing_mm: Optional[float], network_box: str) -> Tuple[int, ...]:
     """The box the network runs on. CARL networks at a physical spacing run on the box their
     weights were trained on (``"trained"``: the images sit in it as the training images did, with
-    their background around; what lies beyond it is cut), or grow it to hold both images whole
+    their background around; what lies beyond it is cut; for images smaller than it, the box that
+    holds them plus the margin the trained box has beyond the input shape), or grow it to hold both images whole
     (:func:`carlreg.geometry.covering_box`), up to twice the input shape (``"cover"``); the others
     keep their own input shape."""
     config = _declared(network, "config")
@@ -141,7 +142,11 @@ def _network_box(network: nn.Module, images, spacing_mm: Optional[float], networ
         return tuple(int(n) for n in network.input_shape)
     trained = config.largest_box
     if network_box == "trained":
-        return tuple(int(n) for n in trained)
+        # trimmed to what holds the images with the margin training kept around the head, so
+        # that small images do not pay for a large box
+        margins = [t - n for t, n in zip(trained, config.input_shape)]
+        needed = covering_box(images, spacing_mm, [1] * len(trained), trained)
+        return tuple(int(min(t, max(i, n + m))) for t, i, n, m in zip(trained, config.input_shape, needed, margins))
     largest = [max(n, MAX_BOX_FACTOR * m) for n, m in zip(trained, config.input_shape)]
     return covering_box(images, spacing_mm, trained, largest)
 
