@@ -12,6 +12,7 @@ REFERENCE ?= icon_registration==1.1.9
 # PyTorch and the test dependencies in one resolver pass.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps $(REFERENCE)
 	touch $@
@@ -19,6 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # The first command of the README: the engine, the MNI152 template (nilearn) and a registration.
 $(VENV)/.demo-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[demo]'
 	touch $@
