@@ -202,6 +202,12 @@ def run_in_fresh_process(method: str, moving: dict, fixed: dict, model: str, io_
 PEER_METHODS = ("none", "ants", "elastix")
 
 
+def _row_numbers(row: dict) -> dict:
+    """A sweep CSV row with its figures as numbers (the CSV holds text)."""
+    return {key: value if key in ("axis", "method") else int(value) if key == "shift_mm" else float(value)
+            for key, value in row.items()}
+
+
 def kept_rows(output: str, methods) -> tuple:
     """The rows of ``methods`` (of :data:`PEER_METHODS`) from the committed ``<output>.csv``, with
     the date its table states: a new model reruns its own rows only (ANTs and Elastix take most of
@@ -210,12 +216,13 @@ def kept_rows(output: str, methods) -> tuple:
         raise SystemExit(f"bench/brain.py --keep: only {', '.join(PEER_METHODS)} (their figures do not depend on our "
                          f"weights), got {', '.join(methods)}")
     with open(RESULTS / f"{output}.csv", newline="") as handle:
-        rows = [dict(row, shift_mm=int(row["shift_mm"]), **{key: float(row[key]) for key in row if key not in ("axis", "method", "shift_mm")})
-                for row in csv.DictReader(handle) if row["method"] in methods]
+        rows = [_row_numbers(row) for row in csv.DictReader(handle) if row["method"] in methods]
     expected = len(methods) * len(AXES) * len(SWEEP_SHIFTS_MM)
     if len(rows) != expected:
         raise SystemExit(f"bench/brain.py --keep: expected {expected} rows of {', '.join(methods)} in {output}.csv, found {len(rows)}")
-    date = (RESULTS / f"{output}.txt").read_text().split(", ")[1]
+    header = (RESULTS / f"{output}.txt").read_text().splitlines()[0]
+    # rows kept once already were measured on the date that run named, not on its own
+    date = header.split("from the run of ")[1] if "from the run of " in header else header.split(", ")[1]
     return rows, date
 
 
