@@ -192,10 +192,11 @@ def _fresh_environment_with_the_wheel(tmp_path: Path) -> Tuple[Path, Path]:
     its site-packages."""
     wheel = _build_wheel(tmp_path)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
-    completed = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", wheel],
-                               capture_output=True, text=True)
+    # the test environment's pip installs into it (a pip of its own would take seconds to set up)
+    completed = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
+                                "--no-index", wheel], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())

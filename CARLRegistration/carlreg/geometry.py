@@ -184,6 +184,47 @@ def covering_grid(grid: sitk.Image, other: sitk.Image) -> Tuple[sitk.Image, Tupl
     return grown, own
 
 
+def _affine(function) -> Tuple[float, float]:
+    """``(scale, offset)`` of an affine function of one coordinate, from its values at 0 and 1."""
+    at_zero = float(function(np.float64(0.0)))
+    return float(function(np.float64(1.0))) - at_zero, at_zero
+
+
+def _unit_frames(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image, network_shape, spacing_mm):
+    """The field's affine parts, in SimpleITK (x, y, z) order: grid index → fixed unit coordinate
+    ``(U, u0)``, moving unit coordinate → moving LPS ``(M, m0)``, grid index → fixed LPS ``(G, g0)``."""
+    dimension = fixed.GetDimension()
+    network_xyz = list(network_shape)[::-1]
+    fixed_ratios = network_ratios(fixed, network_shape, spacing_mm)
+    moving_ratios = network_ratios(moving, network_shape, spacing_mm)
+    to_unit = [_affine(lambda i, a=a: index_to_unit(i, fixed.GetSize()[a], network_xyz[a], fixed_ratios[a]))
+               for a in range(dimension)]
+    to_index = [_affine(lambda u, a=a: unit_to_index(u, moving.GetSize()[a], network_xyz[a], moving_ratios[a]))
+                for a in range(dimension)]
+    grid_to_lps, grid_origin = _index_to_lps_matrix(grid), np.array(grid.GetOrigin())
+    lps_to_fixed_ijk = np.linalg.inv(_index_to_lps_matrix(fixed))
+    unit_scale = np.diag([scale for scale, _ in to_unit])
+    U = unit_scale @ lps_to_fixed_ijk @ grid_to_lps
+    u0 = unit_scale @ lps_to_fixed_ijk @ (grid_origin - np.array(fixed.GetOrigin())) + [offset for _, offset in to_unit]
+    moving_ijk_to_lps = _index_to_lps_matrix(moving)
+    M = moving_ijk_to_lps @ np.diag([scale for scale, _ in to_index])
+    m0 = moving_ijk_to_lps @ [offset for _, offset in to_index] + np.array(moving.GetOrigin())
+    return (U, u0), (M, m0), (grid_to_lps, grid_origin)
+
+
+def _affine_on_slab(matrix: np.ndarray, offset: np.ndarray, axes) -> torch.Tensor:
+    """``matrix · ijk + offset`` over the slab whose index ``axes`` (x, y, z order, 1-D float64
+    tensors) are given: a ``(*slab shape in tensor order, D)`` tensor, built by broadcasting."""
+    dimension = len(axes)
+    matrix, offset = torch.tensor(np.array(matrix)), torch.tensor(np.array(offset))
+    result = offset.view((1,) * dimension + (dimension,))
+    for a, values in enumerate(axes):
+        shape = [1] * dimension + [1]
+        shape[dimension - 1 - a] = -1  # SimpleITK axis a is tensor axis D − 1 − a
+        result = result + values.view(shape) * matrix[:, a]
+    return result
+
+
 def map_to_displacement_field(
     fixed_to_moving_unit: torch.Tensor,
     fixed: sitk.Image,
@@ -201,49 +242,41 @@ def map_to_displacement_field(
             (:func:`network_ratios`).
     Returns:
         vector float64 image on ``grid``: ``moving point − fixed point``, LPS mm.
+
+    Every step but the map is affine: with ``x`` a grid index, the fixed unit coordinate is
+    ``U x + u0``, and the field is ``M (U x + u0 + d(U x + u0)) + m0 − (G x + g0)`` for the
+    map's displacement ``d`` (:func:`_unit_frames`): ``M d`` plus an affine function of ``x``.
     """
     grid = output_grid(fixed) if grid is None else grid
     dimension = fixed.GetDimension()
     network_shape = list(fixed_to_moving_unit.shape[2:])
-    network_xyz = network_shape[::-1]
-    fixed_size, moving_size = fixed.GetSize(), moving.GetSize()
-    fixed_ratios = network_ratios(fixed, network_shape, spacing_mm)
-    moving_ratios = network_ratios(moving, network_shape, spacing_mm)
-    grid_to_lps = _index_to_lps_matrix(grid)
-    lps_to_fixed_ijk = np.linalg.inv(_index_to_lps_matrix(fixed))
-    moving_ijk_to_lps = _index_to_lps_matrix(moving)
-    grid_origin = np.array(grid.GetOrigin())
-    fixed_origin, moving_origin = np.array(fixed.GetOrigin()), np.array(moving.GetOrigin())
+    (U, u0), (M, m0), (G, g0) = _unit_frames(fixed, moving, grid, network_shape, spacing_mm)
     map64 = fixed_to_moving_unit.detach().to(device="cpu", dtype=torch.float64)
     # Sample the displacement, not the map: beyond the grid's outer voxel centres (half a network
     # voxel at each border) the map continues as x + u(border), not as a constant.
     displacement_unit = map64 - identity_map(network_shape, dtype=torch.float64)
+    # the map's displacement sampled in tensor order goes to LPS through M with its columns reversed
+    sampled_to_lps = torch.as_tensor(np.ascontiguousarray(M[:, ::-1].T), dtype=torch.float64)
 
     shape = grid.GetSize()[::-1]  # tensor order
     slab = max(1, SLAB_VOXELS // int(np.prod(shape[1:])))
     displacement = np.empty(tuple(shape) + (dimension,), dtype=np.float64)
     for start in range(0, shape[0], slab):
         stop = min(shape[0], start + slab)
-        ranges = [np.arange(start, stop, dtype=np.float64)] + [np.arange(n, dtype=np.float64) for n in shape[1:]]
-        index_tensor_order = np.meshgrid(*ranges, indexing="ij")
-        grid_ijk = np.stack([a.ravel() for a in index_tensor_order[::-1]])  # (D, N) in x, y, z order
-        fixed_lps = grid_to_lps @ grid_ijk + grid_origin[:, None]
-        fixed_ijk = lps_to_fixed_ijk @ (fixed_lps - fixed_origin[:, None])
-        unit_xyz = np.stack([index_to_unit(fixed_ijk[a], fixed_size[a], network_xyz[a], fixed_ratios[a]) for a in range(dimension)])
-        coords_unit = torch.from_numpy(np.ascontiguousarray(unit_xyz[::-1]))
-        coords_unit = coords_unit.view((1, dimension, -1) + (1,) * (dimension - 1))
-        moving_unit = (coords_unit + sample(displacement_unit, coords_unit)).view(dimension, -1).numpy()[::-1]
-        moving_ijk = np.stack([unit_to_index(moving_unit[a], moving_size[a], network_xyz[a], moving_ratios[a]) for a in range(dimension)])
-        moving_lps = moving_ijk_to_lps @ moving_ijk + moving_origin[:, None]
-        displacement[start:stop] = (moving_lps - fixed_lps).T.reshape((stop - start,) + tuple(shape[1:]) + (dimension,))
+        axes = [torch.arange(n, dtype=torch.float64) for n in grid.GetSize()[: dimension - 1]]
+        axes.append(torch.arange(start, stop, dtype=torch.float64))
+        coords_unit = _affine_on_slab(U[::-1], u0[::-1], axes).movedim(-1, 0)[None]  # (1, D, *slab), tensor order
+        sampled = sample(displacement_unit, coords_unit)[0].movedim(0, -1)
+        field = sampled @ sampled_to_lps + _affine_on_slab(M @ U - G, M @ u0 + m0 - g0, axes)
+        displacement[start:stop] = field.numpy()
     field = sitk.GetImageFromArray(displacement, isVector=True)
     field.CopyInformation(grid)
     return field
 
 
-def _determinant(matrices: np.ndarray) -> np.ndarray:
+def _determinant(matrices: torch.Tensor) -> torch.Tensor:
     """Determinants of ``(..., D, D)`` matrices: written out for D = 2 and 3 (twice as fast as
-    ``np.linalg.det`` on millions of small matrices)."""
+    ``torch.linalg.det`` on millions of small matrices)."""
     m = matrices
     if m.shape[-1] == 2:
         return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
@@ -251,7 +284,7 @@ def _determinant(matrices: np.ndarray) -> np.ndarray:
         return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
                 - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
                 + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
-    return np.linalg.det(m)
+    return torch.linalg.det(m)
 
 
 def jacobian_determinant(field: sitk.Image) -> sitk.Image:
@@ -265,18 +298,19 @@ def jacobian_determinant(field: sitk.Image) -> sitk.Image:
         raise ValueError(f"jacobian_determinant(): the field needs ≥ 2 voxels per axis, got {field.GetSize()}")
     vectors = sitk.GetArrayViewFromImage(field)  # (z, y, x, D): tensor order, LPS vector components
     index_to_lps = _index_to_lps_matrix(field)
-    lps_per_index = np.linalg.inv(index_to_lps).astype(np.float32)  # d(index)/d(lps)
+    lps_per_index = torch.from_numpy(np.linalg.inv(index_to_lps).astype(np.float32))  # d(index)/d(lps)
+    identity = torch.eye(dimension, dtype=torch.float32)
     determinant = np.empty(vectors.shape[:-1], dtype=np.float32)
     slab = max(1, SLAB_VOXELS // int(np.prod(vectors.shape[1:-1])))
     n0 = vectors.shape[0]
     for start in range(0, n0, slab):
         stop = min(n0, start + slab)
         lo, hi = max(0, start - 1), min(n0, stop + 1)
-        block = np.asarray(vectors[lo:hi], dtype=np.float32)
+        block = torch.from_numpy(np.asarray(vectors[lo:hi], dtype=np.float32))
         # derivatives along tensor axes (z, y, x), reversed to SimpleITK index axes (x, y, z)
-        du_dindex = np.stack(np.gradient(block, axis=tuple(range(dimension)))[::-1], axis=-1)
-        jacobian = du_dindex @ lps_per_index + np.eye(dimension, dtype=np.float32)
-        determinant[start:stop] = _determinant(jacobian)[start - lo : start - lo + (stop - start)]
+        du_dindex = torch.stack(torch.gradient(block, dim=tuple(range(dimension)))[::-1], dim=-1)
+        jacobian = du_dindex @ lps_per_index + identity
+        determinant[start:stop] = _determinant(jacobian)[start - lo : start - lo + (stop - start)].numpy()
     result = sitk.GetImageFromArray(determinant)
     result.CopyInformation(field)
     return result
