@@ -33,15 +33,15 @@ def _assert_bit_identical(model, snapshot):
         assert torch.equal(value, snapshot[name]), name
 
 
-def test_five_steps_lower_the_loss_and_restore_the_weights(small_model_and_pair):
+def test_three_steps_lower_the_loss_and_restore_the_weights(small_model_and_pair):
     model, moving, fixed = small_model_and_pair
     before = _snapshot(model)
     reports = []
-    # lr 1e-4: the loss falls at nearly every step, by 0.19 to 0.26 over the four updates whose
-    # result is reported (seeds 0, 1, 2); at lr 1e-3 it goes up and down by up to 0.3 between steps
-    maps = instance_optimize(model, moving, fixed, steps=5, learning_rate=1e-4, inverse=True, progress=reports.append)
+    # lr 1e-4: the loss falls by 0.10 to 0.20 over the two updates whose result is reported
+    # (seeds 0, 1, 2); at lr 1e-3 it goes up and down by up to 0.3 between steps
+    maps = instance_optimize(model, moving, fixed, steps=3, learning_rate=1e-4, inverse=True, progress=reports.append)
     _assert_bit_identical(model, before)
-    assert [r.step for r in reports] == list(range(1, 6))
+    assert [r.step for r in reports] == list(range(1, 4))
     assert reports[-1].fraction == 1.0 and reports[-1].eta_s == 0.0
     first, last = float(reports[0].message.split()[-1]), float(reports[-1].message.split()[-1])
     assert last < first - 0.05, (first, last)
