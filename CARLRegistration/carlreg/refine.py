@@ -191,17 +191,39 @@ def _optimize_level(
     image_sampler = GridSampler(level.fixed.shape[2:], _extent_mm(level.grid), level.fixed.device)
     velocity_sampler = GridSampler(velocity.shape[2:], _extent_mm(level.grid), level.fixed.device)
     velocity = velocity.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([velocity], lr=settings.step_voxels * min(spacing))
+    optimizer = _Adam(velocity, settings.step_voxels * min(spacing))
     sigma = settings.sigma_mm / min(spacing)
     for step in range(level.iterations):
-        optimizer.zero_grad()
         displacement = _resized(velocity_sampler.exponential(velocity, settings.squarings), level.fixed.shape[2:])
         warped = image_sampler.sample(level.moving, displacement)
         loss = 1 - lncc(warped, level.fixed, sigma).mean() + settings.regularization * smoothness(velocity, velocity_spacing)
-        loss.backward()
-        optimizer.step()
+        (gradient,) = torch.autograd.grad(loss, velocity)
+        optimizer.step(gradient)
         reporter.report(done + step + 1, f"{min(spacing):.1f} mm, loss {float(loss.detach()):.4f}")
     return velocity.detach()
+
+
+class _Adam:
+    """Adam (β 0.9, 0.999; ε 1e-8; bias-corrected, as ``torch.optim.Adam``) on one tensor.
+
+    Not ``torch.optim.Adam``: a process's first ``torch.optim`` optimizer imports
+    ``torch._dynamo``, 2 s of a 7 s registration in a fresh worker process.
+    """
+
+    def __init__(self, parameter: torch.Tensor, learning_rate: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.parameter, self.learning_rate, self.betas, self.eps = parameter, learning_rate, betas, eps
+        self.mean = torch.zeros_like(parameter)
+        self.square = torch.zeros_like(parameter)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, gradient: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        self.steps += 1
+        self.mean.lerp_(gradient, 1 - beta1)
+        self.square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        denominator = (self.square.sqrt() / math.sqrt(1 - beta2**self.steps)).add_(self.eps)
+        self.parameter.addcdiv_(self.mean, denominator, value=-self.learning_rate / (1 - beta1**self.steps))
 
 
 def foreground_region(fixed: sitk.Image, region: sitk.Image, margin_mm: float) -> sitk.Image:

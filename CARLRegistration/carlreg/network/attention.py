@@ -17,9 +17,8 @@ __all__ = ["FeatureNet", "AttentionRegistration", "coordinate_attention"]
 
 #: zero padding (voxels per side) around both images before featurising
 PADDING = 9
-#: queries per chunk and keys per block: a 2048 × 2048 block of scores (16 MiB in float32)
-#: keeps the matrix products efficient, and short sums keep the float32 weighted sums
-#: accurate (bench/precision.py)
+#: reduced-precision inference: queries per chunk and keys per block (a 2048 × 2048 block of
+#: scores keeps the matrix products efficient, and short sums keep the float32 weighted sums accurate)
 QUERY_CHUNK = 2048
 KEY_BLOCK = 2048
 
@@ -83,8 +82,8 @@ def _attend_in_place(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: tor
     return total
 
 
-def _attention_with_gradients(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Training path: PyTorch's fused attention (flash on CPUs, memory-efficient on GPUs).
+def _fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused attention (flash on CPUs, memory-efficient on GPUs), with its backward pass.
 
     Its kernels need values as wide as the keys: the coordinates are zero-padded (and
     queries and keys too when they are narrower), which changes no score and no output.
@@ -102,23 +101,24 @@ def _attention_with_gradients(queries: torch.Tensor, keys: torch.Tensor, values:
 def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Single-head attention with scale 1: ``softmax(queries · keysᵀ) · values``.
 
-    Without gradients (inference) it is computed in blocks of 2048 queries × 2048 keys, never
-    materialising the ``Nq × Nk`` scores: scores must stay within ±16 (features of norm < 4,
-    as ``AttentionRegistration`` makes them), so the softmax needs no max subtraction and the
-    blocks' weighted sums simply add up, against only the ``V`` value columns. Under
-    ``torch.autocast`` the scores are computed in the autocast dtype (bfloat16), the weighted
-    sums in float32. With gradients (training) PyTorch's fused, memory-efficient attention
-    computes the same function and its backward pass.
+    In float32 or wider (outside ``torch.autocast``, with or without gradients) it is PyTorch's
+    fused attention, which never materialises the ``Nq × Nk`` scores: within 2e-6 of a float64
+    evaluation in the unit frame (bench/precision.py), twice as fast on a CPU as blocks of matrix
+    products. Under ``torch.autocast`` without gradients (bfloat16 inference) the scores are
+    computed in the autocast dtype in blocks of 2048 queries × 2048 keys and the weighted sums in
+    float32, as coordinates need: scores must stay within ±16 (features of norm < 4, as
+    ``AttentionRegistration`` makes them), so the softmax needs no max subtraction and the
+    blocks' sums simply add up, against only the ``V`` value columns.
 
     Args:
         queries: ``(B, Nq, C)``; keys: ``(B, Nk, C)``; values: ``(B, Nk, V)``.
     Returns:
         ``(B, V, Nq)`` in float32 (or the values' dtype if wider), transposed.
     """
-    if torch.is_grad_enabled():
-        return _attention_with_gradients(queries, keys, values)
     device_type = queries.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else queries.dtype
+    if torch.is_grad_enabled() or not torch.is_autocast_enabled(device_type):
+        return _fused_attention(queries, keys, values)
+    dtype = torch.get_autocast_dtype(device_type)
     # Centred values halve the rounding of the weighted sums (coordinates span about [-0.2, 1.2]).
     centre = 0.5
     values1_t = torch.cat([values - centre, torch.ones_like(values[..., :1])], dim=-1).transpose(1, 2)

@@ -23,7 +23,7 @@ prefixes every key with the training-time augmentation wrapper, ``netPsi.netPsi.
 Where we compute differently from the reference (the same function, to float32 rounding, checked
 by ``Testing/test_unicarl.py``):
 
-- the attention is :func:`~carlreg.network.attention.coordinate_attention` (blocked, never the
+- the attention is :func:`~carlreg.network.attention.coordinate_attention` (fused, never the
   full score matrix), and the fixed image's features are computed only where the cropped queries
   depend on them;
 - each 2³ 'same' convolution followed by a 2-voxel average pool is one stride-2 3³ convolution;
