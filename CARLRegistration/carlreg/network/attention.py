@@ -101,12 +101,12 @@ def _fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Te
 def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Single-head attention with scale 1: ``softmax(queries · keysᵀ) · values``.
 
-    In float32 or wider (outside ``torch.autocast``, with or without gradients) it is PyTorch's
-    fused attention, which never materialises the ``Nq × Nk`` scores: within 2e-6 of a float64
-    evaluation in the unit frame (bench/precision.py), twice as fast on a CPU as blocks of matrix
-    products. Under ``torch.autocast`` without gradients (bfloat16 inference) the scores are
-    computed in the autocast dtype in blocks of 2048 queries × 2048 keys and the weighted sums in
-    float32, as coordinates need: scores must stay within ±16 (features of norm < 4, as
+    With scores in float32 or wider (the inputs' dtype, or the autocast dtype), or with gradients,
+    it is PyTorch's fused attention, which never materialises the ``Nq × Nk`` scores: within 2e-6
+    of a float64 evaluation in the unit frame (bench/precision.py), twice as fast on a CPU as
+    blocks of matrix products. Without gradients and with narrower scores (bfloat16 inference:
+    under ``torch.autocast``, or bfloat16 features) the scores are computed in that dtype in
+    blocks of 2048 queries × 2048 keys and the weighted sums in float32, as coordinates need: scores must stay within ±16 (features of norm < 4, as
     ``AttentionRegistration`` makes them), so the softmax needs no max subtraction and the
     blocks' sums simply add up, against only the ``V`` value columns.
 
@@ -116,9 +116,9 @@ def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torc
         ``(B, V, Nq)`` in float32 (or the values' dtype if wider), transposed.
     """
     device_type = queries.device.type
-    if torch.is_grad_enabled() or not torch.is_autocast_enabled(device_type):
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else queries.dtype
+    if torch.is_grad_enabled() or torch.promote_types(dtype, torch.float32) == dtype:
         return _fused_attention(queries, keys, values)
-    dtype = torch.get_autocast_dtype(device_type)
     # Centred values halve the rounding of the weighted sums (coordinates span about [-0.2, 1.2]).
     centre = 0.5
     values1_t = torch.cat([values - centre, torch.ones_like(values[..., :1])], dim=-1).transpose(1, 2)
