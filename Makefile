@@ -9,20 +9,27 @@ REFERENCE ?= icon_registration==1.1.9
 
 .PHONY: demo test bench ship-brain bench-forward bench-precision bench-retina bench-brain bench-equivariance bench-known-warp bench-unicarl bench-inverse bench-landmarks gpu-check gpu-carry clean
 
+# pip byte-compiles one file at a time, most of an install's time: packages install without it
+# and are compiled on all cores after (`-`: as with pip, files that are not Python of this version,
+# such as templates, stay uncompiled, and compileall says so by its exit status).
+COMPILE := -$(PY) -m compileall -qq -j 0 $(VENV)/lib
+
 # PyTorch and the test dependencies in one resolver pass.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps $(REFERENCE)
+	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION) -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile --no-deps $(REFERENCE)
+	$(COMPILE)
 	touch $@
 
 # The first command of the README: the engine, the MNI152 template (nilearn) and a registration.
 $(VENV)/.demo-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[demo]'
+	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet --no-compile -e '.[demo]'
+	$(COMPILE)
 	touch $@
 
 demo: $(VENV)/.demo-installed
