@@ -13,12 +13,14 @@ from carlreg.train import TrainConfig, _make_source, load_checkpoint, train
 from conftest import monai_pairs_csv, shared_data_path
 
 SHAPE = (40, 40, 40)
+#: the box of Testing/test_box.py's grown-box run: the label maps resampled for it (seconds) are reused
+BOX = (48, 48, 40)
 
 
 def _config(folder, output):
-    """Two steps, one per phase: the second is the first GradICON step."""
+    """Two steps, one per phase: the second is the first GradICON step; on a box grown beyond the input shape."""
     return TrainConfig(
-        data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, max_shift=3, width=0.125,
+        data_folder=str(folder), input_shape=SHAPE, box_shape=BOX, spacing_mm=5.0, max_shift=3, width=0.125,
         batch_size=1, diffusion_steps=1, steps=2, checkpoint_every=1, validate_every=0, output=str(output),
     )
 
