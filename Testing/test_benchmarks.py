@@ -27,10 +27,12 @@ def test_known_warp_truth_is_the_inverse_of_the_warp_that_made_the_moving_image(
 def test_brain_sweep_pairs_are_centroid_aligned_then_shifted(tmp_path):
     shared_data_path("synthseg_label_maps")
     brain = load_bench("brain")
-    for shift in ([0.0, 0.0, 0.0], [0.0, -30.0, 0.0], [0.0, 0.0, 60.0]):
+    # (offset between the two, the moving content's own shift: --split moves each by half)
+    for shift, moving_shift in (([0.0, 0.0, 0.0], None), ([0.0, -30.0, 0.0], [0.0, 15.0, 0.0]), ([0.0, 0.0, 60.0], None)):
         folder = tmp_path / str(shift[1] + shift[2])
         folder.mkdir()
-        moving, fixed = brain.make_pairs(folder, shift)[0]
+        fixed_shift = shift if moving_shift is None else np.add(shift, moving_shift).tolist()
+        moving, fixed = brain.make_pairs(folder, fixed_shift, moving_shift_mm=moving_shift)[0]
         moving_labels, fixed_labels = sitk.ReadImage(str(moving["labels"])), sitk.ReadImage(str(fixed["labels"]))
         offset = brain._brain_centroid(fixed_labels) - brain._brain_centroid(moving_labels)
         # at 60 mm part of the head leaves the field of view, which moves the centroid a little

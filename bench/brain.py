@@ -27,10 +27,12 @@ and content) moved so that the brains' centroids coincide, then its content shif
 60 mm along each axis within its grid (what leaves the field of view is lost, as a scan placed
 differently would lose it); ours, the displacement-only network trained the same way
 (``--unet-model``), ANTs and Elastix (``--methods`` also takes ours_cover). Dice and folding.
+``--split``: the same offsets with each image's content moved by half of it, in opposite
+directions (neither nears its grid's edge): what the offset costs, apart from where the content sits.
 
 Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_cover,ours_svf,ours_svf_4mm,ours_io,displacement_only,ants,elastix] [--background dark|random]
-       python bench/brain.py --sweep [--model ...] [--unet-model ...] [--methods ...] [--keep none,ants,elastix] [--output brain_sweep]
-Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png}.
+       python bench/brain.py --sweep [--split] [--model ...] [--unet-model ...] [--methods ...] [--keep none,ants,elastix] [--output brain_sweep]
+Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png} (brain_sweep_split with --split).
 """
 from __future__ import annotations
 
@@ -87,11 +89,12 @@ AXES = {"x (L→R)": 0, "y (P→A)": 1, "z (I→S)": 2}
 SEED = 2026
 
 
-def make_pairs(folder: Path, shift_mm=None, background: str = "dark") -> list:
+def make_pairs(folder: Path, shift_mm=None, background: str = "dark", moving_shift_mm=None) -> list:
     """Write the test images and label maps to ``folder``: ``[(moving, fixed), ...]`` of
     ``{"image": path, "labels": path, "subject": n}``. With ``shift_mm`` (x, y, z, LPS; the
     translation sweep) the fixed image's content is first moved so that the two brains'
-    centroids coincide (its origin moved: no resampling), then its content by ``shift_mm`` within its grid.
+    centroids coincide (its origin moved: no resampling), then its content by ``shift_mm`` within its grid;
+    with ``moving_shift_mm`` the moving image's content too, within its own grid.
     ``background``: the synthesised background (``carlreg.data.BACKGROUNDS``)."""
     subjects = SPLITS["test"]
     label_maps = {s: label_map_image(LABEL_MAPS / f"training_seg_{s:02d}.nii.gz", SHAPE, SPACING_MM) for s in subjects}
@@ -114,6 +117,8 @@ def make_pairs(folder: Path, shift_mm=None, background: str = "dark") -> list:
                 offset = _brain_centroid(files[moving]["sitk"][1]) - _brain_centroid(labels)
                 image, labels = _moved_grid(image, offset), _moved_grid(labels, offset)
                 image, labels = _shifted(image, shift_mm), _shifted(labels, shift_mm)
+            if role == "moving" and moving_shift_mm is not None:
+                image, labels = _shifted(image, moving_shift_mm), _shifted(labels, moving_shift_mm)
             paths = {"image": folder / f"{role}{moving}-{fixed}_image.nii.gz",
                      "labels": folder / f"{role}{moving}-{fixed}_labels.nii.gz", "subject": subject}
             sitk.WriteImage(image, str(paths["image"]))
@@ -226,23 +231,30 @@ def kept_rows(output: str, methods) -> tuple:
     return rows, date
 
 
-def sweep(model: str, unet_model: str, methods, output: str, keep=()) -> None:
+def sweep(model: str, unet_model: str, methods, output: str, keep=(), split: bool = False) -> None:
     """Dice against the fixed image's shift along each axis (the paper's Fig. 4), pair 19 → 20;
-    the rows of the ``keep`` methods are the committed ones (:func:`kept_rows`)."""
+    the rows of the ``keep`` methods are the committed ones (:func:`kept_rows`). ``split``: the
+    same offsets between the two, each image's content moved by half of it, in opposite
+    directions, so that neither nears its grid's edge as the fixed one does."""
     rows, kept_date = kept_rows(output, keep) if keep else ([], "")
     for axis_name, axis in AXES.items():
         for shift in SWEEP_SHIFTS_MM:
             shift_lps = [0.0, 0.0, 0.0]
             # positive RAS directions: x and y flip between RAS and LPS
             shift_lps[axis] = float(shift) * (-1.0 if axis < 2 else 1.0)
+            moving_shift = None
+            if split:
+                shift_lps = [s / 2 for s in shift_lps]
+                moving_shift = [-s for s in shift_lps]
             with tempfile.TemporaryDirectory(prefix="bench-brain-sweep-") as folder:
-                moving, fixed = make_pairs(Path(folder), shift_lps)[0]
+                moving, fixed = make_pairs(Path(folder), shift_lps, moving_shift_mm=moving_shift)[0]
                 for method in methods:
                     chosen = unet_model if method == "displacement_only" else model
                     figures = run_in_fresh_process(method, moving, fixed, chosen, 0)
                     rows.append({"axis": axis_name, "shift_mm": shift, "method": method, **figures})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     kept = f"; rows of {', '.join(keep)} from the run of {kept_date}" if keep else ""
+    kept += "; split: the fixed content moved by +half the shift, the moving by −half" if split else ""
     methods = [method for method in METHODS if method in methods or method in keep]
     lines = [f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
              f"{versions()}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures{kept}",
@@ -271,7 +283,7 @@ def sweep(model: str, unet_model: str, methods, output: str, keep=()) -> None:
         for method in methods:
             values = [r["dice"] for r in rows if r["axis"] == axis_name and r["method"] == method]
             plot_axis.plot(SWEEP_SHIFTS_MM, values, "o-", label=method)
-        plot_axis.set_title(f"fixed shifted along {axis_name}")
+        plot_axis.set_title(f"{'split' if split else 'fixed'} shifted along {axis_name}")
         plot_axis.set_xlabel("shift (mm)")
     axes[0].set_ylabel("mean Dice, brain structures")
     axes[0].legend(fontsize=8)
@@ -301,6 +313,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true", help="the translation sweep instead of the accuracy table")
     parser.add_argument("--keep", default="", help=f"sweep: comma-separated, of {PEER_METHODS}: their rows are the committed ones")
     parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network (sweep)")
+    parser.add_argument("--split", action="store_true",
+                        help="sweep: each image's content moved by half the offset, in opposite directions")
     parser.add_argument("--background", default="dark", choices=BACKGROUNDS,
                         help="the test images' synthesised background (accuracy table)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -318,7 +332,8 @@ def main(argv=None) -> None:
     if args.sweep:
         keep = [m for m in args.keep.split(",") if m]
         methods = [m for m in (args.methods or ",".join(SWEEP_METHODS)).split(",") if m and m not in keep]
-        sweep(args.model, args.unet_model, methods, args.output or "brain_sweep", keep)
+        sweep(args.model, args.unet_model, methods, args.output or ("brain_sweep_split" if args.split else "brain_sweep"), keep,
+              args.split)
         return
     methods = [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m]
     args.output = args.output or "brain"
