@@ -24,7 +24,7 @@ order, ``_unit`` the network frame in tensor (z, y, x) order, ``_lps`` physical 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -184,13 +184,15 @@ def covering_grid(grid: sitk.Image, other: sitk.Image) -> Tuple[sitk.Image, Tupl
     return grown, own
 
 
-def _affine(function) -> Tuple[float, float]:
+def _affine(function: Callable[[np.float64], np.float64]) -> Tuple[float, float]:
     """``(scale, offset)`` of an affine function of one coordinate, from its values at 0 and 1."""
     at_zero = float(function(np.float64(0.0)))
     return float(function(np.float64(1.0))) - at_zero, at_zero
 
 
-def _unit_frames(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image, network_shape, spacing_mm):
+def _unit_frames(
+    fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image, network_shape: Sequence[int], spacing_mm: Optional[float]
+) -> Tuple[Tuple[np.ndarray, np.ndarray], ...]:
     """The field's affine parts, in SimpleITK (x, y, z) order: grid index → fixed unit coordinate
     ``(U, u0)``, moving unit coordinate → moving LPS ``(M, m0)``, grid index → fixed LPS ``(G, g0)``."""
     dimension = fixed.GetDimension()
@@ -212,7 +214,7 @@ def _unit_frames(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image, networ
     return (U, u0), (M, m0), (grid_to_lps, grid_origin)
 
 
-def _affine_on_slab(matrix: np.ndarray, offset: np.ndarray, axes) -> torch.Tensor:
+def _affine_on_slab(matrix: np.ndarray, offset: np.ndarray, axes: Sequence[torch.Tensor]) -> torch.Tensor:
     """``matrix · ijk + offset`` over the slab whose index ``axes`` (x, y, z order, 1-D float64
     tensors) are given: a ``(*slab shape in tensor order, D)`` tensor, built by broadcasting."""
     dimension = len(axes)
