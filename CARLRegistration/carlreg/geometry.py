@@ -263,10 +263,10 @@ def map_to_displacement_field(
     shape = grid.GetSize()[::-1]  # tensor order
     slab = max(1, SLAB_VOXELS // int(np.prod(shape[1:])))
     displacement = np.empty(tuple(shape) + (dimension,), dtype=np.float64)
+    whole_axes = [torch.arange(n, dtype=torch.float64) for n in grid.GetSize()[: dimension - 1]]
     for start in range(0, shape[0], slab):
         stop = min(shape[0], start + slab)
-        axes = [torch.arange(n, dtype=torch.float64) for n in grid.GetSize()[: dimension - 1]]
-        axes.append(torch.arange(start, stop, dtype=torch.float64))
+        axes = whole_axes + [torch.arange(start, stop, dtype=torch.float64)]
         coords_unit = _affine_on_slab(U[::-1], u0[::-1], axes).movedim(-1, 0)[None]  # (1, D, *slab), tensor order
         sampled = sample(displacement_unit, coords_unit)[0].movedim(0, -1)
         field = sampled @ sampled_to_lps + _affine_on_slab(M @ U - G, M @ u0 + m0 - g0, axes)

@@ -134,9 +134,9 @@ def _network_box(network: nn.Module, images, spacing_mm: Optional[float], networ
     """The box the network runs on. CARL networks at a physical spacing run on the box their
     weights were trained on (``"trained"``: the images sit in it as the training images did, with
     their background around; what lies beyond it is cut; for images smaller than it, the box that
-    holds them plus the margin the trained box has beyond the input shape), or grow it to hold both images whole
-    (:func:`carlreg.geometry.covering_box`), up to twice the input shape (``"cover"``); the others
-    keep their own input shape."""
+    holds them plus the margin the trained box has beyond the input shape), or grow it to hold
+    both images whole (:func:`carlreg.geometry.covering_box`), up to twice the input shape
+    (``"cover"``); the others keep their own input shape."""
     config = _declared(network, "config")
     if spacing_mm is None or not isinstance(config, CARLConfig):
         return tuple(int(n) for n in network.input_shape)

@@ -204,25 +204,27 @@ def _optimize_level(
 
 
 class _Adam:
-    """Adam (β 0.9, 0.999; ε 1e-8; bias-corrected, as ``torch.optim.Adam``) on one tensor.
+    """Adam with ``torch.optim.Adam``'s defaults (β 0.9, 0.999; ε 1e-8; bias-corrected) on one tensor.
 
     Not ``torch.optim.Adam``: a process's first ``torch.optim`` optimizer imports
-    ``torch._dynamo``, 2 s of a 7 s registration in a fresh worker process.
+    ``torch._dynamo``, seconds of every fresh worker process's registration.
     """
 
-    def __init__(self, parameter: torch.Tensor, learning_rate: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.parameter, self.learning_rate, self.betas, self.eps = parameter, learning_rate, betas, eps
+    BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+    def __init__(self, parameter: torch.Tensor, learning_rate: float) -> None:
+        self.parameter, self.learning_rate = parameter, learning_rate
         self.mean = torch.zeros_like(parameter)
         self.square = torch.zeros_like(parameter)
         self.steps = 0
 
     @torch.no_grad()
     def step(self, gradient: torch.Tensor) -> None:
-        beta1, beta2 = self.betas
+        beta1, beta2 = self.BETA1, self.BETA2
         self.steps += 1
         self.mean.lerp_(gradient, 1 - beta1)
         self.square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        denominator = (self.square.sqrt() / math.sqrt(1 - beta2**self.steps)).add_(self.eps)
+        denominator = (self.square.sqrt() / math.sqrt(1 - beta2**self.steps)).add_(self.EPS)
         self.parameter.addcdiv_(self.mean, denominator, value=-self.learning_rate / (1 - beta1**self.steps))
 
 

@@ -102,9 +102,9 @@ def coordinate_attention(queries: torch.Tensor, keys: torch.Tensor, values: torc
     """Single-head attention with scale 1: ``softmax(queries · keysᵀ) · values``.
 
     With scores in float32 or wider (the inputs' dtype, or the autocast dtype), or with gradients,
-    it is PyTorch's fused attention, which never materialises the ``Nq × Nk`` scores: within 2e-6
-    of a float64 evaluation in the unit frame (bench/precision.py), twice as fast on a CPU as
-    blocks of matrix products. Without gradients and with narrower scores (bfloat16 inference:
+    it is PyTorch's fused attention, which never materialises the ``Nq × Nk`` scores (the
+    network's maps stay within float32 rounding of a float64 evaluation: bench/precision.py).
+    Without gradients and with narrower scores (bfloat16 inference:
     under ``torch.autocast``, or bfloat16 features) the scores are computed in that dtype in
     blocks of 2048 queries × 2048 keys and the weighted sums in float32, as coordinates need: scores must stay within ±16 (features of norm < 4, as
     ``AttentionRegistration`` makes them), so the softmax needs no max subtraction and the
