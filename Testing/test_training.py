@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from carlreg.data import PairsSource, SynthSegSource, _translate, random_contrast
+from carlreg.data import PairsSource, SynthSegSource, _cut_to_window, _translate, random_contrast
 from carlreg.device import describe_device
 from carlreg.models import load_model
 from carlreg.train import TrainConfig, _make_source, load_checkpoint, train
@@ -125,6 +125,36 @@ def test_relative_shifts_train_the_largest_offsets_as_often_as_the_small_ones():
         SynthSegSource(folder, "validation", SHAPE, 5.0, shifts="uniform")
     config = TrainConfig(data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, max_shift=limit, shifts="relative")
     assert _make_source(config, "train").shifts == "relative"
+
+
+def test_a_field_of_view_cuts_each_moved_image_to_a_window_centred_in_the_box():
+    """``field_of_view``: once moved, each image keeps only a window centred in the box, its extent
+    per axis drawn from the field of view to the box's, so a head moved near a scan's edge is
+    partly lost (the sweep's and real scans' case); validation images are never cut."""
+    folder = shared_data_path("synthseg_label_maps")
+    window = torch.zeros(SHAPE, dtype=torch.long)
+    window[5:35, 10:30, 0:40] = 1
+    assert torch.equal(_cut_to_window(torch.ones(SHAPE, dtype=torch.long), (30, 20, 40)), window)
+    smallest, limit = 24, 6
+    source = SynthSegSource(folder, "validation", SHAPE, 5.0, max_shift=limit, field_of_view=smallest)
+    lost = []
+    for seed in range(6):
+        # the batch's draws in order: the subjects, the contrast, the moving image's shift, its window
+        replay = torch.Generator().manual_seed(seed)
+        subject = torch.randperm(len(source.labels), generator=replay)[0]
+        random_contrast(source.max_label, replay, source.background)
+        shift = torch.randint(-limit, limit + 1, (3,), generator=replay).tolist()
+        extent = [int(torch.randint(smallest, n + 1, (1,), generator=replay)) for n in SHAPE]
+        moved = _translate(source.labels[subject], shift)
+        labels = source.batch(1, torch.Generator().manual_seed(seed)).moving_labels[0, 0]
+        assert torch.equal(labels, _cut_to_window(moved, extent))
+        lost.append(int((moved > 0).sum()) - int((labels > 0).sum()))
+    # the head fills this small box: every window cuts some of it, each by its own amount
+    assert min(lost) > 0 and len(set(lost)) == len(lost)
+    with pytest.raises(ValueError, match="field_of_view must be 0 to 40 voxels, got 41"):
+        SynthSegSource(folder, "validation", SHAPE, 5.0, field_of_view=41)
+    config = TrainConfig(data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, field_of_view_mm=122.0)
+    assert _make_source(config, "train").field_of_view == 24 and _make_source(config, "validation").field_of_view == 0
 
 
 def test_dark_background_is_black_like_the_padding_around_the_box():

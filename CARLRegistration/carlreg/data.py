@@ -142,6 +142,15 @@ def _translate(labels: torch.Tensor, shift: Sequence[int]) -> torch.Tensor:
     return out
 
 
+def _cut_to_window(labels: torch.Tensor, extent: Sequence[int]) -> torch.Tensor:
+    """Labels outside a window of ``extent`` voxels per axis, centred in the box, made background:
+    a scan's field of view, which the pipeline centres in the network's box as this window is."""
+    out = torch.zeros_like(labels)
+    window = tuple(slice((n - e) // 2, (n - e) // 2 + e) for n, e in zip(labels.shape, extent))
+    out[window] = labels[window]
+    return out
+
+
 class SynthSegSource:
     """Random-contrast pairs from the SynthSeg label maps of one split.
 
@@ -152,11 +161,15 @@ class SynthSegSource:
         max_shift: largest translation of each image, in voxels per axis.
         background: the synthesised background (:data:`BACKGROUNDS`).
         shifts: how the two images' translations are drawn (:data:`SHIFT_MODES`).
+        field_of_view: smallest field of view, voxels per axis (0: the whole box): once moved, each
+            image's content is cut to a window centred in the box, its extent per axis drawn
+            uniformly from this to the box's, so that heads moved near the edge of a scan's field
+            of view are partly lost, as in scans of other fields of view.
     """
 
     def __init__(
         self, folder: Path, split: str, shape: Sequence[int], spacing_mm: float, max_shift: int = 0,
-        background: str = "random", shifts: str = "each",
+        background: str = "random", shifts: str = "each", field_of_view: int = 0,
     ) -> None:
         _check_background(background, "SynthSegSource()")
         if shifts not in SHIFT_MODES:
@@ -167,6 +180,9 @@ class SynthSegSource:
             raise ValueError(f"SynthSegSource(): split must be one of {sorted(SPLITS)}, got {split!r}")
         self.shape = tuple(int(n) for n in shape)
         self.max_shift = int(max_shift)
+        if not 0 <= field_of_view <= min(self.shape):
+            raise ValueError(f"SynthSegSource(): field_of_view must be 0 to {min(self.shape)} voxels, got {field_of_view}")
+        self.field_of_view = int(field_of_view)
         self.subjects = SPLITS[split]
         paths = [Path(folder) / f"training_seg_{number:02d}.nii.gz" for number in self.subjects]
         missing = [str(p) for p in paths if not p.exists()]
@@ -177,11 +193,15 @@ class SynthSegSource:
 
     def _image(self, labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor,
                shift: Optional[List[int]] = None):
-        """An image of ``labels`` moved by ``shift`` (voxels; None: drawn here, ``each``)."""
+        """An image of ``labels`` moved by ``shift`` (voxels; None: drawn here, ``each``), then
+        cut to a field of view when ``field_of_view`` is set."""
         if self.max_shift:
             if shift is None:
                 shift = torch.randint(-self.max_shift, self.max_shift + 1, (3,), generator=generator).tolist()
             labels = _translate(labels, shift)
+        if self.field_of_view:
+            extent = [int(torch.randint(self.field_of_view, n + 1, (1,), generator=generator)) for n in self.shape]
+            labels = _cut_to_window(labels, extent)
         return synthesize_image(labels, generator, intensities, self.background), labels[None, None]
 
     def _relative_shifts(self, generator: torch.Generator) -> Tuple[List[int], List[int]]:

@@ -71,6 +71,10 @@ class TrainConfig:
     #: translations are drawn (``each`` or ``relative``, see :data:`carlreg.data.SHIFT_MODES`)
     max_shift: int = 8
     shifts: str = "each"
+    #: synthseg3d: the smallest field of view (mm per axis; 0: none): each training image's content
+    #: is cut to a window centred in the box, between this and the box's extent (see
+    #: :class:`carlreg.data.SynthSegSource`); validation images are not cut
+    field_of_view_mm: float = 0.0
     variant: str = "final_final"
     fourth_step: bool = False
     first_step: str = "attention"
@@ -156,8 +160,9 @@ def _make_source(config: TrainConfig, split: str):
     if config.data != "synthseg3d":
         raise ValueError(f"train(): data source must be 'synthseg3d', 'drive2d' or 'pairs', got {config.data!r}")
     max_shift = config.max_shift if split == "train" else 0
+    field_of_view = round(config.field_of_view_mm / config.spacing_mm) if split == "train" else 0
     return SynthSegSource(Path(config.data_folder), split, config.box, config.spacing_mm, max_shift, config.background,
-                          config.shifts)
+                          config.shifts, field_of_view)
 
 
 @torch.no_grad()
