@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import SimpleITK as sitk
 import torch
@@ -26,7 +26,7 @@ from .geometry import (
     canonical_orientation, covering_box, covering_grid, jacobian_determinant, map_to_displacement_field, network_ratios, output_grid,
     to_network,
 )
-from .inference import predict_maps
+from .inference import MapPair, predict_maps
 from .inverse import invert_displacement_field, round_trip_error
 from .io import ImageError, PathLike, image_to_tensor, read_image
 from .landmarks import read_landmarks, target_registration_error
@@ -298,6 +298,76 @@ def _evaluations(metrics, moving_labels, fixed_labels, fixed, transform, fixed_l
     return warped_labels
 
 
+class _NetworkRun(NamedTuple):
+    """The network's maps of a pair (unit frame, :class:`carlreg.inference.MapPair`) and what turns
+    them into physical fields: both images reoriented to RAS, the model's input spacing (mm, or
+    None for whole arrays resized) and input shape (tensor order)."""
+
+    maps: MapPair
+    moving_oriented: sitk.Image
+    fixed_oriented: sitk.Image
+    spacing_mm: Optional[float]
+    input_shape: Tuple[int, ...]
+
+
+def _run_network(moving, fixed, model, modality, network_box, io_mode, io_steps, inverse, precision, device, progress,
+                 should_cancel) -> _NetworkRun:
+    """Load the model, bring both images onto its box and run it (tuned on the pair for
+    ``io_mode`` ``"network"``)."""
+    reporter = StageReporter("loading", 1, progress, should_cancel)
+    network = load_model(model, device, progress, should_cancel)
+    dimension = len(network.input_shape)
+    for what, image in (("moving", moving), ("fixed", fixed)):
+        if image.GetDimension() != dimension:
+            raise ImageError(
+                f"register(): {what} image is {image.GetDimension()}-D, the model registers {dimension}-D images"
+            )
+    spacing_mm = _declared(network, "input_spacing_mm")
+    moving_oriented, fixed_oriented = _oriented(moving, network, "moving image"), _oriented(fixed, network, "fixed image")
+    shape = _network_box(network, (moving_oriented, fixed_oriented), spacing_mm, network_box)
+    moving_tensor, fixed_tensor = (
+        _network_tensor(image, network, modality, shape, spacing_mm, what)
+        for image, what in ((moving_oriented, "moving image"), (fixed_oriented, "fixed image"))
+    )
+    reporter.report(1)
+    with _boxed(network, shape):
+        maps = _network_maps(network, moving_tensor.to(device), fixed_tensor.to(device), io_mode, io_steps, inverse,
+                             precision, progress, should_cancel)
+    return _NetworkRun(maps, moving_oriented, fixed_oriented, spacing_mm, tuple(network.input_shape))
+
+
+def _forward_field(run: _NetworkRun, fixed, moving, grid, io_mode, refine_settings, device, progress, should_cancel):
+    """The fixed → moving displacement field on ``grid`` (LPS mm), as
+    ``(network field, refinement or None, field)``: the network's field (for ``svf``, smoothed:
+    the refinement's start) and the field, which for ``svf`` composes the refinement on it."""
+    reporter = StageReporter("transform", 1, progress, should_cancel)
+    network_field = map_to_displacement_field(
+        run.maps.fixed_to_moving, run.fixed_oriented, run.moving_oriented,
+        _network_field_grid(grid, io_mode, refine_settings), run.spacing_mm,
+    )
+    reporter.report(1)
+    if io_mode != "svf":
+        return network_field, None, network_field
+    network_field = smoothed_start(network_field, refine_settings.start_sigma_mm)
+    network_transform = sitk.DisplacementFieldTransform(sitk.Image(network_field))
+    refinement = refine(fixed, moving, network_transform, grid, refine_settings, device, progress, should_cancel)
+    return network_field, refinement, compose(network_field, refinement.displacement_field(grid=grid))
+
+
+def _inverse_transform(run: _NetworkRun, moving, fixed, network_field, field_image, refinement, io_mode, refine_settings,
+                       inverse_method, progress, should_cancel):
+    """The moving → fixed transform on the moving image's grid, and its round trip with ``field_image``."""
+    reverse_field = map_to_displacement_field(
+        run.maps.moving_to_fixed, run.moving_oriented, run.fixed_oriented, output_grid(moving), run.spacing_mm
+    )
+    if io_mode == "svf":  # the reverse of the smoothed start, as the start of its inversion
+        reverse_field = smoothed_start(reverse_field, refine_settings.start_sigma_mm)
+    inverse_field = _inverse_field(network_field, reverse_field, refinement, inverse_method, progress, should_cancel)
+    round_trip = round_trip_error(field_image, inverse_field, fixed)
+    # the transform takes the field's buffer: the round trip is measured first
+    return sitk.DisplacementFieldTransform(inverse_field), round_trip
+
+
 def register(
     moving: Union[sitk.Image, PathLike],
     fixed: Union[sitk.Image, PathLike],
@@ -361,58 +431,25 @@ def register(
     _check_options(inverse_method, field_extent, io_mode, network_box)
     refine_settings.check()
     device = resolve_device(device)
-    reporter = StageReporter("loading", 1, progress, should_cancel)
     moving, fixed = _as_image(moving, "moving image"), _as_image(fixed, "fixed image")
-    network = load_model(model, device, progress, should_cancel)
-    dimension = len(network.input_shape)
-    for what, image in (("moving", moving), ("fixed", fixed)):
-        if image.GetDimension() != dimension:
-            raise ImageError(
-                f"register(): {what} image is {image.GetDimension()}-D, the model registers {dimension}-D images"
-            )
-    spacing_mm = _declared(network, "input_spacing_mm")
-    moving_oriented, fixed_oriented = _oriented(moving, network, "moving image"), _oriented(fixed, network, "fixed image")
-    shape = _network_box(network, (moving_oriented, fixed_oriented), spacing_mm, network_box)
-    moving_tensor, fixed_tensor = (
-        _network_tensor(image, network, modality, shape, spacing_mm, what)
-        for image, what in ((moving_oriented, "moving image"), (fixed_oriented, "fixed image"))
-    )
-    reporter.report(1)
-    with _boxed(network, shape):
-        maps = _network_maps(network, moving_tensor.to(device), fixed_tensor.to(device), io_mode, io_steps, inverse,
-                             precision, progress, should_cancel)
-
-    reporter = StageReporter("transform", 1, progress, should_cancel)
+    run = _run_network(moving, fixed, model, modality, network_box, io_mode, io_steps, inverse, precision, device,
+                       progress, should_cancel)
     grid, fixed_part = _field_grid(fixed, moving, field_spacing_mm, field_extent)
-    network_field = map_to_displacement_field(
-        maps.fixed_to_moving, fixed_oriented, moving_oriented, _network_field_grid(grid, io_mode, refine_settings), spacing_mm
-    )
-    reporter.report(1)
-    refinement, metrics = None, {}
-    field_image = network_field
-    if io_mode == "svf":
-        network_field = smoothed_start(network_field, refine_settings.start_sigma_mm)
-        network_transform = sitk.DisplacementFieldTransform(sitk.Image(network_field))
-        refinement = refine(fixed, moving, network_transform, grid, refine_settings, device, progress, should_cancel)
-        field_image = compose(network_field, refinement.displacement_field(grid=grid))
-        metrics["refine_seconds"] = refinement.seconds
+    network_field, refinement, field_image = _forward_field(run, fixed, moving, grid, io_mode, refine_settings, device,
+                                                            progress, should_cancel)
+    metrics = {"refine_seconds": refinement.seconds} if refinement is not None else {}
     jacobian = jacobian_determinant(field_image)
     transform = sitk.DisplacementFieldTransform(sitk.Image(field_image))
     warped = warp_image(moving, fixed, transform)
     inverse_transform = None
     if inverse:
-        reverse_field = map_to_displacement_field(
-            maps.moving_to_fixed, moving_oriented, fixed_oriented, output_grid(moving), spacing_mm
-        )
-        if io_mode == "svf":  # the reverse of the smoothed start, as the start of its inversion
-            reverse_field = smoothed_start(reverse_field, refine_settings.start_sigma_mm)
-        inverse_field = _inverse_field(network_field, reverse_field, refinement, inverse_method, progress, should_cancel)
-        metrics.update(round_trip_error(field_image, inverse_field, fixed))
-        inverse_transform = sitk.DisplacementFieldTransform(inverse_field)
+        inverse_transform, round_trip = _inverse_transform(run, moving, fixed, network_field, field_image, refinement,
+                                                           io_mode, refine_settings, inverse_method, progress, should_cancel)
+        metrics.update(round_trip)
 
     reporter = StageReporter("metrics", 1, progress, should_cancel)
     metrics.update(
-        _metrics(moving, fixed, warped, jacobian, fixed_part, modality, tuple(network.input_shape), spacing_mm)
+        _metrics(moving, fixed, warped, jacobian, fixed_part, modality, run.input_shape, run.spacing_mm)
     )
     metrics["device"] = str(device)
     warped_labels = _evaluations(metrics, moving_labels, fixed_labels, fixed, transform, fixed_landmarks,
@@ -420,5 +457,5 @@ def register(
     metrics["seconds"] = time.perf_counter() - started
     reporter.report(1)
     return RegistrationResult(
-        transform, inverse_transform, warped, jacobian, metrics, warped_labels, maps.fixed_to_moving.cpu()
+        transform, inverse_transform, warped, jacobian, metrics, warped_labels, run.maps.fixed_to_moving.cpu()
     )
