@@ -185,6 +185,27 @@ def validate(
     return {"val_dice_before": sum(before) / pairs, "val_dice_after": sum(after) / pairs}
 
 
+def _model_and_optimizer(config: TrainConfig, device: torch.device, output: Path) -> Tuple[nn.Module, torch.optim.Adam, int]:
+    """The network and its optimizer on ``device`` and the step they are at: resumed from
+    ``output``'s checkpoint, else started from ``config.init_from``'s weights (step 0), else new."""
+    model = build_carl(
+        len(config.input_shape), config.input_shape, config.variant, config.fourth_step, config.width, config.first_step,
+        config.box,
+    )
+    set_box(model, config.box)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    if (output / CHECKPOINT).exists():
+        state = load_checkpoint(output / CHECKPOINT)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return model, optimizer, int(state["step"])
+    if config.init_from:
+        state = load_checkpoint(Path(config.init_from))
+        model.load_state_dict(state["model"] if "model" in state and "optimizer" in state else state, strict=True)
+    return model, optimizer, 0
+
+
 def train(
     config: TrainConfig,
     device: torch.device = torch.device("cpu"),
@@ -205,22 +226,7 @@ def train(
     torch.manual_seed(config.seed)
     if config.box != tuple(config.input_shape) and config.data != "synthseg3d":
         raise ValueError(f"train(): box_shape is for synthseg3d boxes, not {config.data!r} data; leave it empty")
-    model = build_carl(
-        len(config.input_shape), config.input_shape, config.variant, config.fourth_step, config.width, config.first_step,
-        config.box,
-    )
-    set_box(model, config.box)
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    start = 0
-    if (output / CHECKPOINT).exists():
-        state = load_checkpoint(output / CHECKPOINT)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-    elif config.init_from:
-        state = load_checkpoint(Path(config.init_from))
-        model.load_state_dict(state["model"] if "model" in state and "optimizer" in state else state, strict=True)
+    model, optimizer, start = _model_and_optimizer(config, device, output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
