@@ -362,18 +362,7 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         if self.isRunning():
             raise RuntimeError("A registration is already running.")
-        if movingVolume is None or fixedVolume is None:
-            raise ValueError("Both a moving and a fixed volume are needed.")
-        if outputVolume is not None and outputVolume in (movingVolume, fixedVolume, movingLabels):
-            raise ValueError(
-                f"The output volume '{outputVolume.GetName()}' is an input of the registration: "
-                "choose another node or create a new one."
-            )
-        if movingUnderTransform and movingVolume.GetParentTransformNode() is not None:
-            raise ValueError(
-                f"The moving volume '{movingVolume.GetName()}' is already under the transform "
-                f"'{movingVolume.GetParentTransformNode().GetName()}': turn off 'moving through transform' or harden it first."
-            )
+        self._checkNodes(movingVolume, fixedVolume, movingLabels, outputVolume, movingUnderTransform)
         self.folder = tempfile.mkdtemp(prefix="CARLRegistration-")
         self.metrics, self.lastError = {}, ""
         paths = {name: os.path.join(self.folder, name) for name in (
@@ -412,6 +401,23 @@ class CARLRegistrationLogic(ScriptedLoadableModuleLogic):
         except Exception:
             self._removeFolder()
             raise
+
+    @staticmethod
+    def _checkNodes(movingVolume, fixedVolume, movingLabels, outputVolume, movingUnderTransform: bool) -> None:
+        """Refuse, before anything starts, the nodes that a registration would misuse: a missing
+        input, an input as the output volume, a moving volume already under a transform."""
+        if movingVolume is None or fixedVolume is None:
+            raise ValueError("Both a moving and a fixed volume are needed.")
+        if outputVolume is not None and outputVolume in (movingVolume, fixedVolume, movingLabels):
+            raise ValueError(
+                f"The output volume '{outputVolume.GetName()}' is an input of the registration: "
+                "choose another node or create a new one."
+            )
+        if movingUnderTransform and movingVolume.GetParentTransformNode() is not None:
+            raise ValueError(
+                f"The moving volume '{movingVolume.GetName()}' is already under the transform "
+                f"'{movingVolume.GetParentTransformNode().GetName()}': turn off 'moving through transform' or harden it first."
+            )
 
     @staticmethod
     def _exportVolume(node, path: str) -> None:

@@ -138,6 +138,39 @@ def _refine_settings(args: argparse.Namespace):
     return RefineSettings(**{name: value for name, value in given.items() if value is not None})
 
 
+def _write_register_outputs(args: argparse.Namespace, result, moving, fixed) -> None:
+    """Every output file ``carl-register`` was asked for, all or none (:func:`carlreg.io.atomic_outputs`)."""
+    import SimpleITK as sitk
+
+    from .io import atomic_outputs, write_image, write_transform
+    from .pipeline import warp_image
+
+    with atomic_outputs() as reserve:
+        write_transform(result.transform, reserve(args.out_transform))
+        if args.out_inverse:
+            write_transform(result.inverse_transform, reserve(args.out_inverse))
+        if args.out_affine:
+            from .affine import decompose
+
+            sitk.WriteTransform(decompose(result.transform.GetDisplacementField()), str(reserve(args.out_affine)))
+        if args.out_warped:
+            write_image(result.warped, reserve(args.out_warped))
+        if args.out_jacobian:
+            write_image(result.jacobian, reserve(args.out_jacobian))
+        if args.out_warped_labels:
+            write_image(result.warped_labels, reserve(args.out_warped_labels))
+        if args.summary:
+            reserve(args.summary).write_text(json.dumps(result.metrics, indent=2))
+        if args.report:
+            from .report import write_report
+
+            identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
+            write_report(
+                reserve(args.report), fixed, warp_image(moving, fixed, identity), result.warped,
+                result.transform.GetDisplacementField(), result.jacobian, result.metrics,
+            )
+
+
 def register_main(argv: Optional[List[str]] = None) -> int:
     """``carl-register``: exit 0 on success, 2 on bad input, 3 on a missing dependency (one line
     on stderr), 130 when cancelled."""
@@ -152,10 +185,8 @@ def register_main(argv: Optional[List[str]] = None) -> int:
     metrics = {}
 
     def body() -> None:
-        import SimpleITK as sitk
-
-        from .io import atomic_outputs, check_outputs, read_image, write_image, write_transform
-        from .pipeline import register, warp_image
+        from .io import check_outputs, read_image
+        from .pipeline import register
 
         if args.out_warped_labels and not args.moving_labels:
             raise ValueError("--out-warped-labels needs --moving-labels")
@@ -184,30 +215,7 @@ def register_main(argv: Optional[List[str]] = None) -> int:
             fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
             landmarks_coordinate_system=args.landmarks_coordinate_system,
         )
-        with atomic_outputs() as reserve:
-            write_transform(result.transform, reserve(args.out_transform))
-            if args.out_inverse:
-                write_transform(result.inverse_transform, reserve(args.out_inverse))
-            if args.out_affine:
-                from .affine import decompose
-
-                sitk.WriteTransform(decompose(result.transform.GetDisplacementField()), str(reserve(args.out_affine)))
-            if args.out_warped:
-                write_image(result.warped, reserve(args.out_warped))
-            if args.out_jacobian:
-                write_image(result.jacobian, reserve(args.out_jacobian))
-            if args.out_warped_labels:
-                write_image(result.warped_labels, reserve(args.out_warped_labels))
-            if args.summary:
-                reserve(args.summary).write_text(json.dumps(result.metrics, indent=2))
-            if args.report:
-                from .report import write_report
-
-                identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
-                write_report(
-                    reserve(args.report), fixed, warp_image(moving, fixed, identity), result.warped,
-                    result.transform.GetDisplacementField(), result.jacobian, result.metrics,
-                )
+        _write_register_outputs(args, result, moving, fixed)
         metrics.update(result.metrics)
 
     code = run_command("carl-register", body)
