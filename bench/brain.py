@@ -304,7 +304,7 @@ def summarise(rows: list, methods) -> dict:
     return summary
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="carl-brain-3d", help="shipped model name, or a weights/checkpoint file")
     parser.add_argument("--io-steps", type=int, default=50)
@@ -320,7 +320,11 @@ def main(argv=None) -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--pair", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(2)
     if args.one:
         moving_image, moving_labels, fixed_image, fixed_labels = json.loads(args.pair)
@@ -335,8 +339,12 @@ def main(argv=None) -> None:
         sweep(args.model, args.unet_model, methods, args.output or ("brain_sweep_split" if args.split else "brain_sweep"), keep,
               args.split)
         return
-    methods = [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m]
-    args.output = args.output or "brain"
+    accuracy_table(args, [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m], args.output or "brain")
+
+
+def accuracy_table(args: argparse.Namespace, methods: list, output: str) -> None:
+    """Every method on the test pairs (both directions), each run in a fresh process; the table
+    written to ``bench/results/<output>``.{txt,csv,json,png}."""
     names = {method: args.unet_model if method == "displacement_only" else args.model
              for method in methods if method in OUR_METHODS}
     rows = []
@@ -358,13 +366,13 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.output}.txt").write_text(text + "\n")
-    with open(RESULTS / f"{args.output}.csv", "w", newline="") as handle:
+    (RESULTS / f"{output}.txt").write_text(text + "\n")
+    with open(RESULTS / f"{output}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     shipped = set(available_models())
-    (RESULTS / f"{args.output}.json").write_text(json.dumps({
+    (RESULTS / f"{output}.json").write_text(json.dumps({
         "models": names,
         "weights_sha256": {method: model_card(name)["sha256"] if name in shipped else None for method, name in names.items()},
         "io_steps": args.io_steps,
@@ -373,7 +381,7 @@ def main(argv=None) -> None:
         "summary": summary,
         "rows": rows,
     }, indent=2) + "\n")
-    plot_table(summary, RESULTS / f"{args.output}.png")
+    plot_table(summary, RESULTS / f"{output}.png")
 
 
 def plot_table(summary: dict, path: Path) -> None:

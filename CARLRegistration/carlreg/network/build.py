@@ -60,6 +60,29 @@ def _psi(dimension: int, width: float) -> FunctionFromVectorField:
     return FunctionFromVectorField(UNet(dimension, width), in_unit_shape_frame=True)
 
 
+def _check_build_arguments(dimension: int, input_shape: Tuple[int, ...], variant: str, width: float,
+                          first_step: str) -> None:
+    """build_carl()'s arguments, each refused with what was expected and what was received."""
+    if dimension not in (2, 3):
+        raise ValueError(f"build_carl(): dimension must be 2 or 3, got {dimension}")
+    if len(input_shape) != dimension or min(input_shape) < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"build_carl(): input_shape must be {dimension} sizes of at least {MIN_INPUT_SIZE} voxels, "
+            f"got {list(input_shape)}"
+        )
+    if variant not in VARIANTS:
+        raise ValueError(f"build_carl(): variant must be one of {VARIANTS}, got {variant!r}")
+    if not width > 0:
+        raise ValueError(f"build_carl(): width must be positive, got {width}")
+    if first_step not in FIRST_STEPS:
+        raise ValueError(f"build_carl(): first_step must be one of {FIRST_STEPS}, got {first_step!r}")
+    if first_step == "unet" and min(input_shape) < 4 * (MIN_INPUT_SIZE // 2) + 1:
+        raise ValueError(
+            f"build_carl(): a U-Net first step runs at 1/4 resolution and needs inputs of at least "
+            f"{4 * (MIN_INPUT_SIZE // 2) + 1} voxels per axis, got {list(input_shape)}"
+        )
+
+
 def build_carl(
     dimension: int,
     input_shape: Sequence[int],
@@ -87,24 +110,7 @@ def build_carl(
     inputs are sampled at (None: whole arrays resized; :class:`CARLConfig`).
     """
     input_shape = tuple(int(n) for n in input_shape)
-    if dimension not in (2, 3):
-        raise ValueError(f"build_carl(): dimension must be 2 or 3, got {dimension}")
-    if len(input_shape) != dimension or min(input_shape) < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"build_carl(): input_shape must be {dimension} sizes of at least {MIN_INPUT_SIZE} voxels, "
-            f"got {list(input_shape)}"
-        )
-    if variant not in VARIANTS:
-        raise ValueError(f"build_carl(): variant must be one of {VARIANTS}, got {variant!r}")
-    if not width > 0:
-        raise ValueError(f"build_carl(): width must be positive, got {width}")
-    if first_step not in FIRST_STEPS:
-        raise ValueError(f"build_carl(): first_step must be one of {FIRST_STEPS}, got {first_step!r}")
-    if first_step == "unet" and min(input_shape) < 4 * (MIN_INPUT_SIZE // 2) + 1:
-        raise ValueError(
-            f"build_carl(): a U-Net first step runs at 1/4 resolution and needs inputs of at least "
-            f"{4 * (MIN_INPUT_SIZE // 2) + 1} voxels per axis, got {list(input_shape)}"
-        )
+    _check_build_arguments(dimension, input_shape, variant, width, first_step)
     if variant == "final_final":
         net = TwoStep(Down(_first(dimension, width, first_step), dimension), _psi(dimension, width))
         net = TwoStep(Down(net, dimension), _psi(dimension, width))
