@@ -133,10 +133,11 @@ def run_in_fresh_process(method: str, offset_mm: float, moving: Path, model: str
 
 def table(rows: list, header: str) -> str:
     """The result table: a line per method and offset."""
-    lines = [header, f"{'method':<9} {'offset mm':>9} {'TRE mean':>8} {'median':>7} {'max':>6} {'folding %':>9} "
+    width = max(len("method"), *(len(r["method"]) for r in rows))
+    lines = [header, f"{'method':<{width}} {'offset mm':>9} {'TRE mean':>8} {'median':>7} {'max':>6} {'folding %':>9} "
                      f"{'seconds':>8} {'peak GiB':>8}"]
     for r in rows:
-        lines.append(f"{r['method']:<9} {r['offset_mm']:9.0f} {r['tre_mean_mm']:8.2f} {r['tre_median_mm']:7.2f} "
+        lines.append(f"{r['method']:<{width}} {r['offset_mm']:9.0f} {r['tre_mean_mm']:8.2f} {r['tre_median_mm']:7.2f} "
                      f"{r['tre_max_mm']:6.2f} {r['folding_percent']:9.4f} {r['seconds']:8.1f} {r['peak_rss_gib']:8.2f}")
     return "\n".join(lines)
 
