@@ -274,6 +274,28 @@ def identity_checkpoint(tmp_path_factory):
     return folder / "tiny.pt"
 
 
+def test_the_command_line_lists_its_commands_and_refuses_a_missing_or_unknown_one(capsys):
+    """``python -m carlreg --help`` says what each command does (training and the demo included);
+    no command or an unknown one exits 2 with one line saying which commands there are."""
+    from carlreg.cli import main
+
+    listed = subprocess.run([sys.executable, "-m", "carlreg", "--help"], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    commands = listed.stdout.split("commands:\n")[1].splitlines()
+    assert [line.split()[0] for line in commands] == ["register", "warp", "models", "train", "demo"]
+    assert "register a moving image to a fixed image (carl-register)" in commands[0]
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "name a command: register, warp, models (--help says what each does)")
+    with pytest.raises(SystemExit) as exited:
+        main(["bogus"])
+    assert exited.value.code == 2
+    refusal = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's wording varies with the Python
+    assert "invalid choice: 'bogus'" in refusal and all(name in refusal for name in ("register", "warp", "models"))
+
+
 def test_without_a_model_the_default_is_named_or_the_models_are_listed(tmp_path, capsys):
     """The command's process for a registration; its refusals and ``carlreg models`` through the
     command's functions in this process (the same code, a process each saved)."""

@@ -14,7 +14,7 @@ import json
 import signal
 import sys
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .progress import Cancelled, Progress
 
@@ -266,20 +266,31 @@ def models_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-#: the subcommands of ``python -m carlreg.cli``: what registration needs, and all the Slicer
-#: extension ships (``python -m carlreg`` adds training and the demo)
-COMMANDS = {"register": register_main, "warp": warp_main, "models": models_main}
+#: the subcommands of ``python -m carlreg.cli`` and what each does: what registration needs, and
+#: all the Slicer extension ships (``python -m carlreg`` adds training and the demo)
+COMMANDS = {
+    "register": (register_main, "register a moving image to a fixed image (carl-register)"),
+    "warp": (warp_main, "apply a saved transform to an image or label map (carl-warp)"),
+    "models": (models_main, "list the shipped models"),
+}
 
 
-def main(argv: Optional[List[str]] = None, commands: Optional[Dict[str, Callable[[List[str]], int]]] = None) -> int:
-    """``python -m carlreg[.cli] <subcommand> ...``."""
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: Optional[List[str]] = None, commands: Optional[Dict[str, Tuple[Callable[[List[str]], int], str]]] = None,
+         prog: str = "python -m carlreg.cli") -> int:
+    """``python -m carlreg[.cli] <command> ...``: the command's own options follow it (``<command> --help``)."""
     commands = commands or COMMANDS
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m carlreg {{{','.join(commands)}}} ...", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
-
+    parser = argparse.ArgumentParser(
+        prog=prog, description="CARL registration from the command line.",
+        epilog="commands:\n" + "\n".join(f"  {name:<10} {summary}" for name, (_, summary) in commands.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(commands), metavar="command", help="one of: " + ", ".join(commands))
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the command's options (<command> --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.error(f"name a command: {', '.join(commands)} (--help says what each does)")
+    args = parser.parse_args(argv)
+    return commands[args.command][0](args.arguments)
 
 if __name__ == "__main__":
     sys.exit(main())
