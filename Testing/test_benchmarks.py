@@ -42,6 +42,24 @@ def test_brain_sweep_pairs_are_centroid_aligned_then_shifted(tmp_path):
             assert (sitk.GetArrayFromImage(fixed_labels) == sitk.GetArrayFromImage(original)).all()
 
 
+def test_checkpoints_are_judged_on_validation_pairs_never_on_the_test_pair(tmp_path):
+    """bench/checkpoints.py's pairs are validation subjects, made as the sweep makes the test pair:
+    the moving image the subject's own label map, the fixed one moved by the sweep's shift."""
+    shared_data_path("synthseg_label_maps")
+    from carlreg.data import SPLITS
+
+    checkpoints, brain = load_bench("checkpoints"), load_bench("brain")
+    assert checkpoints.PAIRS and all(set(pair) <= set(SPLITS["validation"]) - set(SPLITS["test"]) for pair in checkpoints.PAIRS)
+    assert brain.sweep_shift(0, 60) == [-60.0, 0.0, 0.0] and brain.sweep_shift(2, 60) == [0.0, 0.0, 60.0]
+    moving, fixed = brain.make_pairs(tmp_path, brain.sweep_shift(2, 30), subjects=checkpoints.PAIRS[0])[0]
+    assert (moving["subject"], fixed["subject"]) == checkpoints.PAIRS[0]
+    moving_labels, fixed_labels = sitk.ReadImage(str(moving["labels"])), sitk.ReadImage(str(fixed["labels"]))
+    original = brain.label_map_image(brain.LABEL_MAPS / f"training_seg_{moving['subject']:02d}.nii.gz", brain.SHAPE, brain.SPACING_MM)
+    assert (sitk.GetArrayFromImage(moving_labels) == sitk.GetArrayFromImage(original)).all()
+    offset = brain._brain_centroid(fixed_labels) - brain._brain_centroid(moving_labels)
+    assert np.allclose(offset, [0.0, 0.0, 30.0], atol=1.0), offset
+
+
 def test_equivariance_error_is_zero_for_an_equivariant_map_and_the_shift_for_one_that_ignores_it():
     """bench/equivariance.py's yardstick: |φ'(x) − φ(x − u)| over the brain voxels that stay in the box."""
     import torch

@@ -89,14 +89,14 @@ AXES = {"x (L→R)": 0, "y (P→A)": 1, "z (I→S)": 2}
 SEED = 2026
 
 
-def make_pairs(folder: Path, shift_mm=None, background: str = "dark", moving_shift_mm=None) -> list:
+def make_pairs(folder: Path, shift_mm=None, background: str = "dark", moving_shift_mm=None, subjects=SPLITS["test"]) -> list:
     """Write the test images and label maps to ``folder``: ``[(moving, fixed), ...]`` of
     ``{"image": path, "labels": path, "subject": n}``. With ``shift_mm`` (x, y, z, LPS; the
     translation sweep) the fixed image's content is first moved so that the two brains'
     centroids coincide (its origin moved: no resampling), then its content by ``shift_mm`` within its grid;
     with ``moving_shift_mm`` the moving image's content too, within its own grid.
-    ``background``: the synthesised background (``carlreg.data.BACKGROUNDS``)."""
-    subjects = SPLITS["test"]
+    ``background``: the synthesised background (``carlreg.data.BACKGROUNDS``); ``subjects``: the
+    two label maps (default: the test pair; bench/checkpoints.py takes validation subjects)."""
     label_maps = {s: label_map_image(LABEL_MAPS / f"training_seg_{s:02d}.nii.gz", SHAPE, SPACING_MM) for s in subjects}
     tensors = {s: torch.from_numpy(sitk.GetArrayFromImage(m).astype(np.int64)) for s, m in label_maps.items()}
     intensities = random_contrast(max(int(t.max()) for t in tensors.values()), torch.Generator().manual_seed(SEED), background)
@@ -231,6 +231,14 @@ def kept_rows(output: str, methods) -> tuple:
     return rows, date
 
 
+def sweep_shift(axis: int, shift_mm: float) -> list:
+    """The sweep's shift of ``shift_mm`` along ``axis`` (0, 1, 2: x, y, z) towards R, A or S, in LPS mm."""
+    shift = [0.0, 0.0, 0.0]
+    # positive RAS directions: x and y flip between RAS and LPS
+    shift[axis] = float(shift_mm) * (-1.0 if axis < 2 else 1.0)
+    return shift
+
+
 def sweep(model: str, unet_model: str, methods, output: str, keep=(), split: bool = False) -> None:
     """Dice against the fixed image's shift along each axis (the paper's Fig. 4), pair 19 → 20;
     the rows of the ``keep`` methods are the committed ones (:func:`kept_rows`). ``split``: the
@@ -239,9 +247,7 @@ def sweep(model: str, unet_model: str, methods, output: str, keep=(), split: boo
     rows, kept_date = kept_rows(output, keep) if keep else ([], "")
     for axis_name, axis in AXES.items():
         for shift in SWEEP_SHIFTS_MM:
-            shift_lps = [0.0, 0.0, 0.0]
-            # positive RAS directions: x and y flip between RAS and LPS
-            shift_lps[axis] = float(shift) * (-1.0 if axis < 2 else 1.0)
+            shift_lps = sweep_shift(axis, shift)
             moving_shift = None
             if split:
                 shift_lps = [s / 2 for s in shift_lps]
