@@ -292,5 +292,6 @@ def main(argv: Optional[List[str]] = None, commands: Optional[Dict[str, Tuple[Ca
     args = parser.parse_args(argv)
     return commands[args.command][0](args.arguments)
 
+
 if __name__ == "__main__":
     sys.exit(main())
