@@ -153,9 +153,11 @@ def test_training_on_the_gpu_resumes_exactly(tmp_path, deterministic_cudnn):
     assert float(differences.max()) <= 3 * 2 * learning_rate
     # the optimizer state went on, not restarted: Adam's second moments sum three steps' squared
     # gradients (one, had the resume lost them); atomic adds left 3.7 % of the weights more than
-    # 1e-6 apart on an H200 (2026-11-28), so the weights alone cannot show it
+    # 1e-6 apart on an H200 (2026-11-28), so the weights alone cannot show it. The moments too
+    # differ by a few % there (3.1 %: the gradients' rounding noise, squared), far from the 1/3 of
+    # a lost state
     moments = [_second_moments(load_checkpoint(path / "checkpoint.pt")["optimizer"]) for path in (straight, interrupted)]
-    assert moments[1] == pytest.approx(moments[0], rel=1e-2)
+    assert moments[1] == pytest.approx(moments[0], rel=0.1)
     assert load_model(interrupted / "checkpoint.pt", "cpu").input_spacing_mm == recipe["spacing_mm"]
 
 
