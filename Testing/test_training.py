@@ -8,6 +8,8 @@ import torch
 
 from carlreg.data import PairsSource, SynthSegSource, _cut_to_window, _translate, random_contrast
 from carlreg.device import describe_device
+from carlreg.losses import gaussian_blur, lncc, lncc_loss, symmetric_similarity
+from carlreg.maps import identity_map, sample
 from carlreg.models import load_model
 from carlreg.train import TrainConfig, _make_source, load_checkpoint, train
 from conftest import monai_pairs_csv, shared_data_path
@@ -146,15 +148,55 @@ def test_a_field_of_view_cuts_each_moved_image_to_a_window_centred_in_the_box():
         shift = torch.randint(-limit, limit + 1, (3,), generator=replay).tolist()
         extent = [int(torch.randint(smallest, n + 1, (1,), generator=replay)) for n in SHAPE]
         moved = _translate(source.labels[subject], shift)
-        labels = source.batch(1, torch.Generator().manual_seed(seed)).moving_labels[0, 0]
+        batch = source.batch(1, torch.Generator().manual_seed(seed))
+        labels = batch.moving_labels[0, 0]
         assert torch.equal(labels, _cut_to_window(moved, extent))
         lost.append(int((moved > 0).sum()) - int((labels > 0).sum()))
+        # what the image shows of its subject: the box's content once moved, within the window
+        valid = _cut_to_window(_translate(torch.ones(SHAPE, dtype=torch.long), shift), extent)
+        assert torch.equal(batch.moving_valid[0, 0], valid.float()) and not bool(labels[valid == 0].any())
+        assert 0 < int(batch.fixed_valid.sum()) < batch.fixed_valid.numel()
     # the head fills this small box: every window cuts some of it, each by its own amount
     assert min(lost) > 0 and len(set(lost)) == len(lost)
     with pytest.raises(ValueError, match="field_of_view must be 0 to 40 voxels, got 41"):
         SynthSegSource(folder, "validation", SHAPE, 5.0, field_of_view=41)
     config = TrainConfig(data_folder=str(folder), input_shape=SHAPE, spacing_mm=5.0, field_of_view_mm=122.0)
     assert _make_source(config, "train").field_of_view == 24 and _make_source(config, "validation").field_of_view == 0
+
+
+def test_the_masked_similarity_ignores_what_a_cut_lost_and_training_uses_it(tmp_path):
+    """With validity masks the similarity is a mean over the voxels valid in both images: the
+    moving image's content far (beyond LNCC's window) from what the cut fixed image still shows
+    no longer changes it, as it changes the unmasked one; a map's points beyond the box count as
+    lost. A run with ``mask_similarity`` trains on the data source's masks."""
+    generator = torch.Generator().manual_seed(0)
+    fixed, moving = (gaussian_blur(torch.rand((1, 1) + SHAPE, generator=generator), 2.0) for _ in range(2))
+    fixed_valid = torch.ones_like(fixed)
+    fixed_valid[..., 16:] = 0
+    fixed = fixed * fixed_valid
+    identity = identity_map(SHAPE)
+    changed = moving.clone()
+    # LNCC at x < 16 reads up to 2σ = 8 voxels further
+    changed[..., 25:] = torch.rand(changed[..., 25:].shape, generator=generator)
+    masked = [float(symmetric_similarity(m, fixed, identity, identity, 4.0, torch.ones_like(m), fixed_valid))
+              for m in (moving, changed)]
+    unmasked = [float(symmetric_similarity(m, fixed, identity, identity, 4.0)) for m in (moving, changed)]
+    assert masked[0] == pytest.approx(masked[1], abs=1e-6) and abs(unmasked[0] - unmasked[1]) > 1e-3
+    # a map that sends half the box beyond it: those points are lost, whatever the border holds
+    beyond = identity.clone()
+    beyond[:, 2] += 0.5
+    whole = torch.ones_like(fixed)
+    # x index 19 maps to unit 19/39 + 0.5 < 1, index 20 beyond
+    inside = 1 - lncc(sample(moving, beyond), fixed)[..., :20].mean()
+    expected = float(inside + lncc_loss(fixed, moving))
+    assert float(symmetric_similarity(moving, fixed, beyond, identity, 4.0, whole, whole)) == pytest.approx(expected, abs=1e-5)
+    folder = shared_data_path("synthseg_label_maps")
+    plain, masked_run = _config(folder, tmp_path / "plain"), _config(folder, tmp_path / "masked")
+    plain.steps = masked_run.steps = 1
+    masked_run.mask_similarity = True
+    train(plain)
+    train(masked_run)
+    assert abs(_losses(tmp_path / "masked")[0] - _losses(tmp_path / "plain")[0]) > 1e-4
 
 
 def test_dark_background_is_black_like_the_padding_around_the_box():

@@ -65,12 +65,19 @@ SHIFT_MODES = ("each", "relative")
 
 
 class LabelPair(NamedTuple):
-    """A batch of pairs: ``(B, 1, *shape)`` images in [0, 1] and their ``(B, 1, *shape)`` integer labels."""
+    """A batch of pairs: ``(B, 1, *shape)`` images in [0, 1] and their ``(B, 1, *shape)`` integer labels.
+
+    ``moving_valid``, ``fixed_valid``: ``(B, 1, *shape)`` float masks, 1 where the image shows its
+    subject and 0 where its content was lost (moved out of the box, or beyond its field of view),
+    or None where every voxel is valid.
+    """
 
     moving: torch.Tensor
     fixed: torch.Tensor
     moving_labels: torch.Tensor
     fixed_labels: torch.Tensor
+    moving_valid: Optional[torch.Tensor] = None
+    fixed_valid: Optional[torch.Tensor] = None
 
 
 def label_map_image(path: Path, shape: Sequence[int], spacing_mm: float) -> sitk.Image:
@@ -194,15 +201,17 @@ class SynthSegSource:
     def _image(self, labels: torch.Tensor, generator: torch.Generator, intensities: torch.Tensor,
                shift: Optional[List[int]] = None):
         """An image of ``labels`` moved by ``shift`` (voxels; None: drawn here, ``each``), then
-        cut to a field of view when ``field_of_view`` is set."""
+        cut to a field of view when ``field_of_view`` is set; with its labels and validity mask."""
+        valid = torch.ones_like(labels)
         if self.max_shift:
             if shift is None:
                 shift = torch.randint(-self.max_shift, self.max_shift + 1, (3,), generator=generator).tolist()
-            labels = _translate(labels, shift)
+            labels, valid = _translate(labels, shift), _translate(valid, shift)
         if self.field_of_view:
             extent = [int(torch.randint(self.field_of_view, n + 1, (1,), generator=generator)) for n in self.shape]
-            labels = _cut_to_window(labels, extent)
-        return synthesize_image(labels, generator, intensities, self.background), labels[None, None]
+            labels, valid = _cut_to_window(labels, extent), _cut_to_window(valid, extent)
+        image = synthesize_image(labels, generator, intensities, self.background)
+        return image, labels[None, None], valid[None, None].to(image.dtype)
 
     def _relative_shifts(self, generator: torch.Generator) -> Tuple[List[int], List[int]]:
         """``relative``: the moving and fixed images' shifts, their difference uniform in
@@ -224,8 +233,8 @@ class SynthSegSource:
                 self._image(self.labels[first], generator, intensities, shifts[0])
                 + self._image(self.labels[second], generator, intensities, shifts[1])
             )
-        moving, moving_labels, fixed, fixed_labels = (torch.cat(t) for t in zip(*parts))
-        return LabelPair(moving, fixed, moving_labels, fixed_labels)
+        moving, moving_labels, moving_valid, fixed, fixed_labels, fixed_valid = (torch.cat(t) for t in zip(*parts))
+        return LabelPair(moving, fixed, moving_labels, fixed_labels, moving_valid, fixed_valid)
 
 
 class PairsSource:

@@ -4,7 +4,9 @@ Images are ``(B, 1, *S)`` tensors in tensor axis order; maps are fixed → movin
 in the unit frame (see :mod:`carlreg.maps`). A = moving, B = fixed.
 
 - LNCC(σ): local normalised cross-correlation with a separable Gaussian window
-  (``4σ + 1`` taps, zero 'same' padding); the loss is ``1 − mean(LNCC)``.
+  (``4σ + 1`` taps, zero 'same' padding); the loss is ``1 − mean(LNCC)``, the mean taken, when
+  the images come with validity masks, over the voxels that are valid in both (the content of a
+  training image cut to a field of view is lost, not background).
 - GradICON: the squared Frobenius norm of the Jacobian of the inverse-consistency
   error ``e(x) = x − φ_AB(φ_BA(x))`` at jittered grid points, by finite differences.
 - Diffusion: ``N0² Σ_axes mean(forward differences of (id − φ_AB))²``.
@@ -86,9 +88,28 @@ def lncc(image_i: torch.Tensor, image_j: torch.Tensor, sigma: float = 4.0) -> to
     return covariance / torch.sqrt(variance_i * variance_j)
 
 
-def lncc_loss(image_i: torch.Tensor, image_j: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """``1 − mean(LNCC)``: 0 for locally identical images."""
-    return 1 - torch.mean(lncc(image_i, image_j, sigma))
+def lncc_loss(
+    image_i: torch.Tensor, image_j: torch.Tensor, sigma: float = 4.0, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``1 − mean(LNCC)``: 0 for locally identical images. ``weight`` (``(B, 1, *S)``, ≥ 0): the
+    mean weighted by it, so that voxels of weight 0 neither help nor hurt."""
+    if weight is None:
+        return 1 - torch.mean(lncc(image_i, image_j, sigma))
+    return 1 - torch.sum(lncc(image_i, image_j, sigma) * weight) / weight.sum().clamp_min(1.0)
+
+
+def _overlap(valid: Optional[torch.Tensor], other_valid: Optional[torch.Tensor], to_other: torch.Tensor):
+    """Where a voxel and the point ``to_other`` maps it to are both valid (``(B, 1, *S)``; None:
+    every voxel valid). Held constant (no gradient), so that a map gains nothing by moving points
+    out of the other image's field of view."""
+    if valid is None and other_valid is None:
+        return None
+    with torch.no_grad():
+        # beyond the box nothing is known (sample() pads with the border's values)
+        mapped = ((to_other >= 0) & (to_other <= 1)).all(dim=1, keepdim=True).to(to_other.dtype)
+        if other_valid is not None:
+            mapped = mapped * sample(other_valid, to_other)
+        return mapped if valid is None else mapped * valid
 
 
 def symmetric_similarity(
@@ -97,11 +118,16 @@ def symmetric_similarity(
     fixed_to_moving: torch.Tensor,
     moving_to_fixed: torch.Tensor,
     sigma: float = 4.0,
+    moving_valid: Optional[torch.Tensor] = None,
+    fixed_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A)`` for maps given on the images' grid."""
-    return lncc_loss(sample(moving, fixed_to_moving), fixed, sigma) + lncc_loss(
-        sample(fixed, moving_to_fixed), moving, sigma
-    )
+    """``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A)`` for maps given on the images' grid; with validity
+    masks (:class:`carlreg.data.LabelPair`), each over the voxels valid in both images: where one
+    image's content is cut off, no map can match it, and an unmasked loss rewards pulling the
+    other image's edge onto the cut."""
+    forward = lncc_loss(sample(moving, fixed_to_moving), fixed, sigma, _overlap(fixed_valid, moving_valid, fixed_to_moving))
+    backward = lncc_loss(sample(fixed, moving_to_fixed), moving, sigma, _overlap(moving_valid, fixed_valid, moving_to_fixed))
+    return forward + backward
 
 
 def _grid_noise(identity: torch.Tensor, scale: float, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -174,13 +200,14 @@ class GradICONObjective(nn.Module):
         self.sparse = sparse
         self.generator = generator
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> LossTerms:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, moving_valid: Optional[torch.Tensor] = None,
+                fixed_valid: Optional[torch.Tensor] = None) -> LossTerms:
         identity = self.network.identity_map
         self.network._check_inputs(moving, fixed)
         phi_ab = self.network.transform(moving, fixed)
         phi_ba = self.network.transform(fixed, moving)
         similarity = symmetric_similarity(
-            moving, fixed, phi_ab.on_grid(identity), phi_ba.on_grid(identity), self.sigma
+            moving, fixed, phi_ab.on_grid(identity), phi_ba.on_grid(identity), self.sigma, moving_valid, fixed_valid
         )
         regularizer = gradicon_sparse if self.sparse else gradicon
         regularity = regularizer(phi_ab, phi_ba, identity, self.generator)
@@ -196,10 +223,12 @@ class DiffusionObjective(nn.Module):
         self.lmbda = lmbda
         self.sigma = sigma
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> LossTerms:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, moving_valid: Optional[torch.Tensor] = None,
+                fixed_valid: Optional[torch.Tensor] = None) -> LossTerms:
         identity = self.network.identity_map
         fixed_to_moving = self.network(moving, fixed)
-        similarity = 2 * lncc_loss(sample(moving, fixed_to_moving), fixed, self.sigma)
+        weight = _overlap(fixed_valid, moving_valid, fixed_to_moving)
+        similarity = 2 * lncc_loss(sample(moving, fixed_to_moving), fixed, self.sigma, weight)
         regularity = diffusion(fixed_to_moving, identity)
         return LossTerms(similarity + self.lmbda * regularity, similarity, regularity)
 

@@ -75,6 +75,9 @@ class TrainConfig:
     #: is cut to a window centred in the box, between this and the box's extent (see
     #: :class:`carlreg.data.SynthSegSource`); validation images are not cut
     field_of_view_mm: float = 0.0
+    #: synthseg3d: the similarity taken only where both images are valid (content neither moved
+    #: out of the box nor cut to a field of view; see :func:`carlreg.losses.symmetric_similarity`)
+    mask_similarity: bool = False
     variant: str = "final_final"
     fourth_step: bool = False
     first_step: str = "attention"
@@ -124,8 +127,14 @@ class PhaseObjective(nn.Module):
         self.diffusion = make_objective("diffusion", network, lmbda, sigma)
         self.gradicon = make_objective("gradicon", network, lmbda, sigma)
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phase: str):
-        return getattr(self, phase)(moving, fixed)
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phase: str,
+                moving_valid: Optional[torch.Tensor] = None, fixed_valid: Optional[torch.Tensor] = None):
+        return getattr(self, phase)(moving, fixed, moving_valid, fixed_valid)
+
+
+def _masks(batch, device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The batch's validity masks on ``device`` (``mask_similarity``; None: every voxel valid)."""
+    return tuple(None if m is None else m.to(device) for m in (batch.moving_valid, batch.fixed_valid))
 
 
 def _rank_and_world() -> Tuple[int, int]:
@@ -251,7 +260,8 @@ def train(
             batch = source.batch(config.batch_size, torch.Generator().manual_seed(seed))
             phase = "diffusion" if step < config.diffusion_steps else "gradicon"
             optimizer.zero_grad()
-            terms = loss_model(batch.moving.to(device), batch.fixed.to(device), phase)
+            masks = _masks(batch, device) if config.mask_similarity else (None, None)
+            terms = loss_model(batch.moving.to(device), batch.fixed.to(device), phase, *masks)
             terms.total.backward()
             optimizer.step()
             done = step + 1
