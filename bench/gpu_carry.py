@@ -326,13 +326,14 @@ def reduce_label_maps(source: Path, target: Path, shape: Sequence[int], spacing_
 
 
 def write_train_config(recipe: Path, target: Path, data_folder: str) -> dict:
-    """The recipe with ``data_folder`` in the carry and a fresh output; its starting weights kept
-    when they are a file of the tree (shipped weights), else dropped (a run's checkpoint stays on
-    the machine that trained): then a burst from scratch."""
+    """The recipe with ``data_folder`` in the carry and a fresh output named as the recipe
+    (bench/gpu_session.sh names its runs so); its starting weights kept when they are a file of the
+    tree (shipped weights), else dropped (a run's checkpoint stays on the machine that trained):
+    then a burst from scratch."""
     config = json.loads(recipe.read_text())
     init_from = config.get("init_from", "")
     tracked = bool(init_from) and (REPO / init_from).is_file() and not init_from.startswith("weights/training/")
-    config.update(data_folder=data_folder, output="runs/gpu-burst", init_from=init_from if tracked else "")
+    config.update(data_folder=data_folder, output=f"runs/{recipe.stem}", init_from=init_from if tracked else "")
     target.write_text(json.dumps(config, indent=2) + "\n")
     return config
 

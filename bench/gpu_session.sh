@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: bench/gpu_check.py (the cuda tests, then timings), then a training
 # burst of the two capture-range recipes side by side on the same GPU, each from its shipped weights
-# (CARL: weights/training/carl-brain-3d-capture60.json, as .gpu-carry/train-config.json; the
-# displacement-only baseline: unet-brain-3d-capture60.json), on the label maps that bench/gpu_carry.py
-# resampled onto their common box. Under OUT come back the check's files and both runs' logs in
+# (CARL: the recipe bench/gpu_carry.py carried as .gpu-carry/train-config.json, its TRAIN_RECIPE; the
+# displacement-only baseline: the unet-brain-3d recipe of the same name), on the label maps that
+# bench/gpu_carry.py resampled onto their common box. Under OUT come back the check's files and both runs' logs in
 # session.tar.gz and each run's checkpoint.pt in 15 MiB parts (the tool returns files of at most
 # 16 MiB, 64 MiB in all); `cat NAME.part-* > checkpoint.pt` rebuilds it, and the run resumes on any
 # device. The runs are written to build/gpu-runs (ignored: kept while the machine stays warm), so a
@@ -37,14 +37,17 @@ gpu_carry.unpack_site(Path('.gpu-carry'), Path('$work/site'))" || exit 1
 export PYTHONPATH="$work/site:CARLRegistration${PYTHONPATH:+:$PYTHONPATH}"
 # each process synthesises its pairs on the CPU: half the cores each
 export OMP_NUM_THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+# the runs are named as their recipes: carl-brain-3d-NAME and unet-brain-3d-NAME
+carl=$(basename "$($py -c "import json; print(json.load(open('.gpu-carry/train-config.json'))['output'])")")
+unet=${carl/carl-brain/unet-brain}
 common=(--device "${DEVICE:-cuda}" --max-minutes "$train_minutes" --progress json --set checkpoint_every=100)
-$py -m carlreg train --config .gpu-carry/train-config.json --set output=$runs/carl-brain-3d-capture60 \
+$py -m carlreg train --config .gpu-carry/train-config.json --set output=$runs/$carl \
     "${common[@]}" > "$work/carl-train.log" 2>&1 &
-$py -m carlreg train --config weights/training/unet-brain-3d-capture60.json --set output=$runs/unet-brain-3d-capture60 \
+$py -m carlreg train --config weights/training/$unet.json --set output=$runs/$unet \
     --set data_folder=.gpu-carry/data/synthseg_label_maps "${common[@]}" > "$work/unet-train.log" 2>&1 &
 wait
 room=$(( 60 * 2**20 ))
-for run in carl-brain-3d-capture60 unet-brain-3d-capture60; do
+for run in $carl $unet; do
     tail -n 2 "$runs/$run/log.jsonl"
     mkdir -p "$work/$run" && cp "$runs/$run"/{log.jsonl,config.json} "$work/$run/"
     size=$(stat -c %s "$runs/$run/checkpoint.pt")
@@ -54,5 +57,5 @@ for run in carl-brain-3d-capture60 unet-brain-3d-capture60; do
         echo "$run/checkpoint.pt left on the machine (over the tool's total): bash bench/gpu_session.sh fetch \$OUT $run"
     fi
 done
-tar -czf "$out/session.tar.gz" -C "$work" check carl-train.log unet-train.log carl-brain-3d-capture60 unet-brain-3d-capture60
+tar -czf "$out/session.tar.gz" -C "$work" check carl-train.log unet-train.log $carl $unet
 ls -la "$out"
