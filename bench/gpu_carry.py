@@ -13,9 +13,10 @@ registry and has no ../shared. The folder (git-ignored, sent with the tool's ``c
   icon_registration; its other imports are already on that machine);
 - ``data/``, laid out as ../shared/data: the MONAI pair, the MRBrainTumor pair (bench/forward.py's
   inputs) and the SynthSeg label maps resampled onto the training box of the capture-range recipe
-  (weights/training/carl-brain-3d-capture60.json: the shipped model's weights fine-tuned on that
+  (weights/training/carl-brain-3d-masked60.json: the shipped model's weights fine-tuned on that
   box with each image moved up to ±60 mm and cut to a field of view of 192 mm or more, as the
-  translation sweep's heads are): the same training code reads them and
+  translation sweep's heads are, the similarity taken where both images are valid): the same
+  training code reads them and
   gets the same label tensors on that box (checked here map by map);
 - ``train-config.json``: that recipe with ``data_folder`` pointed at ``data/`` (a training burst,
   started from the shipped weights, which are in the tree:
@@ -59,7 +60,7 @@ WHEEL_PLATFORM = (
 PAIRS = ("tiny_fixtures/monai_anatomical_pair", "tiny_fixtures/slicer_mrbraintumor")
 LABEL_MAPS = "synthseg_label_maps"
 #: the recipe of a burst: its box is the grid the label maps are resampled onto
-TRAIN_RECIPE = REPO / "weights" / "training" / "carl-brain-3d-capture60.json"
+TRAIN_RECIPE = REPO / "weights" / "training" / "carl-brain-3d-masked60.json"
 #: bytes of one ELF64 relocation record (offset, info, addend)
 RELA_RECORD = 24
 MASK_64 = 2**64 - 1
