@@ -197,6 +197,8 @@ def test_the_masked_similarity_ignores_what_a_cut_lost_and_training_uses_it(tmp_
     train(plain)
     train(masked_run)
     assert abs(_losses(tmp_path / "masked")[0] - _losses(tmp_path / "plain")[0]) > 1e-4
+    with pytest.raises(ValueError, match="mask_similarity is for synthseg3d data, .* not 'pairs' data"):
+        train(_pairs_config(tmp_path, tmp_path / "pairs", mask_similarity=True))
 
 
 def test_dark_background_is_black_like_the_padding_around_the_box():

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import BRAIN_LABEL_LIMIT, PairsSource, SynthSegSource
+from .data import BRAIN_LABEL_LIMIT, LabelPair, PairsSource, SynthSegSource
 from .device import describe_device
 from .io import atomic_outputs
 from .losses import make_objective
@@ -132,7 +132,7 @@ class PhaseObjective(nn.Module):
         return getattr(self, phase)(moving, fixed, moving_valid, fixed_valid)
 
 
-def _masks(batch, device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _masks(batch: LabelPair, device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The batch's validity masks on ``device`` (``mask_similarity``; None: every voxel valid)."""
     return tuple(None if m is None else m.to(device) for m in (batch.moving_valid, batch.fixed_valid))
 
@@ -235,6 +235,9 @@ def train(
     torch.manual_seed(config.seed)
     if config.box != tuple(config.input_shape) and config.data != "synthseg3d":
         raise ValueError(f"train(): box_shape is for synthseg3d boxes, not {config.data!r} data; leave it empty")
+    if config.mask_similarity and config.data != "synthseg3d":
+        raise ValueError(f"train(): mask_similarity is for synthseg3d data, whose cuts the data source knows, "
+                         f"not {config.data!r} data; leave it false")
     model, optimizer, start = _model_and_optimizer(config, device, output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
