@@ -46,7 +46,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 bench-forward: $(VENV)/.installed
-	$(PY) bench/forward.py
+	$(PY) bench/forward.py | tee bench/results/forward.txt
 
 bench-precision: $(VENV)/.installed
 	$(PY) bench/precision.py | tee bench/results/precision.txt
