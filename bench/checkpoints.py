@@ -36,18 +36,23 @@ from carlreg.data import SPLITS  # noqa: E402
 PAIRS = tuple(zip(SPLITS["validation"][:-1], SPLITS["validation"][1:]))
 
 
-def evaluate(model: str, offset_mm: float) -> dict:
-    """Mean Dice over :data:`PAIRS` at 0 mm and at ``offset_mm`` along each axis, and the largest drop."""
+def evaluate(models, offset_mm: float) -> list:
+    """Per model: mean Dice over :data:`PAIRS` at 0 mm and at ``offset_mm`` along each axis, and
+    the largest drop. Each pair is synthesised once per point and registered by every model."""
     points = {"0 mm": [0.0, 0.0, 0.0], **{name.split()[0]: sweep_shift(axis, offset_mm) for name, axis in AXES.items()}}
-    dice = {point: [] for point in points}
+    dice = {model: {point: [] for point in points} for model in models}
     for subjects in PAIRS:
         for point, shift in points.items():
             with tempfile.TemporaryDirectory(prefix="bench-checkpoints-") as folder:
                 moving, fixed = make_pairs(Path(folder), shift, subjects=subjects)[0]
-                dice[point].append(run_in_fresh_process("ours", moving, fixed, model, 0)["dice"])
-    means = {point: sum(values) / len(values) for point, values in dice.items()}
-    return {"model": model, "dice": means, "per_pair": dice,
-            "drop": max(means["0 mm"] - means[point] for point in points if point != "0 mm")}
+                for model in models:
+                    dice[model][point].append(run_in_fresh_process("ours", moving, fixed, model, 0)["dice"])
+    rows = []
+    for model, per_pair in dice.items():
+        means = {point: sum(values) / len(values) for point, values in per_pair.items()}
+        rows.append({"model": model, "dice": means, "per_pair": per_pair,
+                     "drop": max(means["0 mm"] - means[point] for point in points if point != "0 mm")})
+    return rows
 
 
 def main(argv=None) -> None:
@@ -57,10 +62,9 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default="", help="also write bench/results/OUTPUT.{txt,json}")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    rows = []
-    for model in args.models:
-        rows.append(evaluate(model, args.offset))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+    rows = evaluate(args.models, args.offset)
+    for row in rows:
+        print(json.dumps(row), file=sys.stderr)
     pairs = ", ".join(f"{m} → {f}" for m, f in PAIRS)
     lines = [f"# bench/checkpoints.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, {versions()}; "
              f"validation pairs {pairs}, mean Dice of brain structures, ours without IO; offset {args.offset:g} mm",
