@@ -8,10 +8,11 @@ import torch
 
 from carlreg.data import PairsSource, SynthSegSource, _cut_to_window, _translate, random_contrast
 from carlreg.device import describe_device
-from carlreg.losses import gaussian_blur, lncc, lncc_loss, symmetric_similarity
+from carlreg.data import BRAIN_LABEL_LIMIT
+from carlreg.losses import gaussian_blur, label_overlap_loss, lncc, lncc_loss, symmetric_label_overlap, symmetric_similarity
 from carlreg.maps import identity_map, sample
 from carlreg.models import load_model
-from carlreg.train import TrainConfig, _make_source, load_checkpoint, train
+from carlreg.train import TrainConfig, _make_source, load_checkpoint, one_hot_labels, train
 from conftest import monai_pairs_csv, shared_data_path
 
 SHAPE = (40, 40, 40)
@@ -199,6 +200,52 @@ def test_the_masked_similarity_ignores_what_a_cut_lost_and_training_uses_it(tmp_
     assert abs(_losses(tmp_path / "masked")[0] - _losses(tmp_path / "plain")[0]) > 1e-4
     with pytest.raises(ValueError, match="mask_similarity is for synthseg3d data, .* not 'pairs' data"):
         train(_pairs_config(tmp_path, tmp_path / "pairs", mask_similarity=True))
+
+
+def test_label_supervision_scores_the_warped_label_maps_and_training_uses_it(tmp_path):
+    """The label overlap is 1 − the mean Dice of the warped one-hot brain label maps over the
+    target's labels (exact for a whole-voxel shift, weighted by validity), its gradient moves a
+    translation towards alignment, and a run with ``label_weight`` adds it to the loss."""
+    folder = shared_data_path("synthseg_label_maps")
+    batch = SynthSegSource(folder, "validation", BOX, 5.0).batch(1, torch.Generator().manual_seed(0))
+    moving, fixed = one_hot_labels(batch, torch.device("cpu"))
+    assert moving.shape[1] == fixed.shape[1] > 10 and float(moving.sum(1).max()) == 1.0
+    brain = torch.where(batch.fixed_labels < BRAIN_LABEL_LIMIT, batch.fixed_labels, 0)
+    assert int((fixed.sum(1, keepdim=True) > 0).sum()) == int((brain > 0).sum())
+    identity = identity_map(BOX)
+    assert float(symmetric_label_overlap(fixed, fixed, identity, identity)) == pytest.approx(0.0, abs=1e-6)
+    # the fixed labels moved 2 voxels along x: 1 − Dice by hand, and 0 read through the map back
+    moved = torch.zeros_like(fixed)
+    moved[..., 2:] = fixed[..., :-2]
+    inside = torch.ones_like(fixed[:, :1])
+    inside[..., -2:] = 0  # where the map's points leave the box
+    present = (fixed * inside).sum((2, 3, 4)) > 0
+    by_hand = 2 * (fixed * moved * inside).sum((2, 3, 4)) / ((fixed + moved) * inside).sum((2, 3, 4))
+    expected = 1 - float(by_hand[present].mean())
+    assert expected > 0.1 and float(label_overlap_loss(moved, fixed, inside)) == pytest.approx(expected, abs=1e-5)
+    shifted = identity.clone()
+    shifted[:, 2] += 2 / (BOX[2] - 1)
+    assert float(label_overlap_loss(sample(moved, shifted), fixed, inside)) == pytest.approx(0.0, abs=1e-5)
+    # a translation t along x starting at 1 voxel: the gradient points to t = 2
+    t = torch.tensor(1.0, requires_grad=True)
+    step = torch.zeros_like(identity)
+    step[:, 2] = 1 / (BOX[2] - 1)
+    label_overlap_loss(sample(moved, identity + t * step), fixed, inside).backward()
+    assert float(t.grad) < 0
+    plain, supervised = _config(folder, tmp_path / "plain"), _config(folder, tmp_path / "supervised")
+    plain.steps = supervised.steps = 1
+    supervised.label_weight = 0.5
+    train(plain)
+    train(supervised)
+    record = json.loads((tmp_path / "supervised" / "log.jsonl").read_text().splitlines()[0])
+    assert 0.0 < record["supervision"] <= 2.0 and "supervision" not in (tmp_path / "plain" / "log.jsonl").read_text()
+    assert record["loss"] == pytest.approx(record["similarity"] + 1.5 * record["regularity"] + 0.5 * record["supervision"],
+                                           rel=1e-5)
+    # the same batch and weights: the image terms are the plain run's, the supervision comes on top
+    plain_record = json.loads((tmp_path / "plain" / "log.jsonl").read_text().splitlines()[0])
+    assert record["similarity"] == pytest.approx(plain_record["similarity"], rel=1e-5)
+    with pytest.raises(ValueError, match="label_weight is for synthseg3d data, .* not 'pairs' data"):
+        train(_pairs_config(tmp_path, tmp_path / "pairs", label_weight=1.0))
 
 
 def test_dark_background_is_black_like_the_padding_around_the_box():

@@ -10,9 +10,12 @@ in the unit frame (see :mod:`carlreg.maps`). A = moving, B = fixed.
 - GradICON: the squared Frobenius norm of the Jacobian of the inverse-consistency
   error ``e(x) = x − φ_AB(φ_BA(x))`` at jittered grid points, by finite differences.
 - Diffusion: ``N0² Σ_axes mean(forward differences of (id − φ_AB))²``.
+- Label overlap (optional supervision, as SynthMorph trains): ``1 − mean soft Dice`` of the
+  images' one-hot label maps, the warped one sampled linearly, over the labels of the target.
 
 Phase 1 (warm-up) minimises ``2·LNCC(A∘φ_AB, B) + λ·diffusion`` in one
-direction; phase 2 minimises ``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A) + λ·GradICON``.
+direction; phase 2 minimises ``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A) + λ·GradICON``. With label
+maps and a label weight ``w``, each adds ``w`` times the label overlap of the same warps.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ __all__ = [
     "lncc",
     "lncc_loss",
     "symmetric_similarity",
+    "label_overlap_loss",
+    "symmetric_label_overlap",
     "gradicon",
     "gradicon_sparse",
     "diffusion",
@@ -44,11 +49,13 @@ GRADICON_DELTA = 1e-3
 
 
 class LossTerms(NamedTuple):
-    """One evaluation of a training objective: ``total = similarity + λ·regularity``."""
+    """One evaluation of a training objective: ``total = similarity + λ·regularity`` (``+ w·supervision``
+    when trained on label maps; ``supervision`` is None without them)."""
 
     total: torch.Tensor
     similarity: torch.Tensor
     regularity: torch.Tensor
+    supervision: Optional[torch.Tensor] = None
 
 
 def _gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -112,6 +119,28 @@ def _overlap(valid: Optional[torch.Tensor], other_valid: Optional[torch.Tensor],
         return mapped if valid is None else mapped * valid
 
 
+def label_overlap_loss(warped: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``1 − mean soft Dice`` of ``(B, C, *S)`` one-hot label maps (channel ``c``: label ``c``),
+    ``warped`` already sampled through the map. The mean is over the (batch, label) pairs present
+    in ``target``; ``weight`` (``(B, 1, *S)``, ≥ 0) weighs each voxel's part in both sums."""
+    if weight is not None:
+        warped, target = warped * weight, target * weight
+    axes = tuple(range(2, target.dim()))
+    target_volume = target.sum(axes)
+    dice = 2 * (warped * target).sum(axes) / (warped.sum(axes) + target_volume).clamp_min(1e-6)
+    present = target_volume > 0
+    if not bool(present.any()):
+        return target.new_zeros(())
+    return 1 - dice[present].mean()
+
+
+def _both_ways(loss: Callable, moving, fixed, fixed_to_moving, moving_to_fixed, moving_valid, fixed_valid) -> torch.Tensor:
+    """``loss(A∘φ_AB, B, weight) + loss(B∘φ_BA, A, weight)``, each weighted by where both images are valid."""
+    forward = loss(sample(moving, fixed_to_moving), fixed, _overlap(fixed_valid, moving_valid, fixed_to_moving))
+    backward = loss(sample(fixed, moving_to_fixed), moving, _overlap(moving_valid, fixed_valid, moving_to_fixed))
+    return forward + backward
+
+
 def symmetric_similarity(
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -125,9 +154,24 @@ def symmetric_similarity(
     masks (:class:`carlreg.data.LabelPair`), each over the voxels valid in both images: where one
     image's content is cut off, no map can match it, and an unmasked loss rewards pulling the
     other image's edge onto the cut."""
-    forward = lncc_loss(sample(moving, fixed_to_moving), fixed, sigma, _overlap(fixed_valid, moving_valid, fixed_to_moving))
-    backward = lncc_loss(sample(fixed, moving_to_fixed), moving, sigma, _overlap(moving_valid, fixed_valid, moving_to_fixed))
-    return forward + backward
+    def loss(warped, target, weight):
+        return lncc_loss(warped, target, sigma, weight)
+
+    return _both_ways(loss, moving, fixed, fixed_to_moving, moving_to_fixed, moving_valid, fixed_valid)
+
+
+def symmetric_label_overlap(
+    moving_labels: torch.Tensor,
+    fixed_labels: torch.Tensor,
+    fixed_to_moving: torch.Tensor,
+    moving_to_fixed: torch.Tensor,
+    moving_valid: Optional[torch.Tensor] = None,
+    fixed_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`label_overlap_loss` both ways, for ``(B, C, *S)`` one-hot label maps on the images'
+    grid, masked as :func:`symmetric_similarity`."""
+    return _both_ways(label_overlap_loss, moving_labels, fixed_labels, fixed_to_moving, moving_to_fixed, moving_valid,
+                      fixed_valid)
 
 
 def _grid_noise(identity: torch.Tensor, scale: float, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -177,12 +221,20 @@ def diffusion(fixed_to_moving: torch.Tensor, identity: torch.Tensor) -> torch.Te
     return total * identity.shape[2] ** 2
 
 
-class GradICONObjective(nn.Module):
-    """Phase 2: ``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A) + λ·GradICON`` (``sparse``: GradICONSparse).
+def _supervised(terms: LossTerms, label_weight: float, supervision: Optional[torch.Tensor]) -> LossTerms:
+    """``terms`` with the label overlap ``supervision`` (None: no label maps) added at ``label_weight``."""
+    if supervision is None:
+        return terms
+    return LossTerms(terms.total + label_weight * supervision, terms.similarity, terms.regularity, supervision)
 
-    ``forward(moving, fixed)`` takes ``(B, 1, *input_shape)`` images and returns
-    :class:`LossTerms`. It wraps the network so that data-parallel training can
-    wrap the whole objective.
+
+class GradICONObjective(nn.Module):
+    """Phase 2: ``LNCC(A∘φ_AB, B) + LNCC(B∘φ_BA, A) + λ·GradICON`` (``sparse``: GradICONSparse),
+    plus ``label_weight`` times :func:`symmetric_label_overlap` when given label maps.
+
+    ``forward(moving, fixed)`` takes ``(B, 1, *input_shape)`` images (optionally their validity
+    masks and ``(B, C, *input_shape)`` one-hot label maps) and returns :class:`LossTerms`. It
+    wraps the network so that data-parallel training can wrap the whole objective.
     """
 
     def __init__(
@@ -192,6 +244,7 @@ class GradICONObjective(nn.Module):
         sigma: float = 4.0,
         sparse: bool = False,
         generator: Optional[torch.Generator] = None,
+        label_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.network = network
@@ -199,53 +252,66 @@ class GradICONObjective(nn.Module):
         self.sigma = sigma
         self.sparse = sparse
         self.generator = generator
+        self.label_weight = label_weight
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, moving_valid: Optional[torch.Tensor] = None,
-                fixed_valid: Optional[torch.Tensor] = None) -> LossTerms:
+                fixed_valid: Optional[torch.Tensor] = None, moving_labels: Optional[torch.Tensor] = None,
+                fixed_labels: Optional[torch.Tensor] = None) -> LossTerms:
         identity = self.network.identity_map
         self.network._check_inputs(moving, fixed)
         phi_ab = self.network.transform(moving, fixed)
         phi_ba = self.network.transform(fixed, moving)
-        similarity = symmetric_similarity(
-            moving, fixed, phi_ab.on_grid(identity), phi_ba.on_grid(identity), self.sigma, moving_valid, fixed_valid
-        )
+        fixed_to_moving, moving_to_fixed = phi_ab.on_grid(identity), phi_ba.on_grid(identity)
+        similarity = symmetric_similarity(moving, fixed, fixed_to_moving, moving_to_fixed, self.sigma, moving_valid,
+                                          fixed_valid)
         regularizer = gradicon_sparse if self.sparse else gradicon
         regularity = regularizer(phi_ab, phi_ba, identity, self.generator)
-        return LossTerms(similarity + self.lmbda * regularity, similarity, regularity)
+        supervision = None if moving_labels is None else symmetric_label_overlap(
+            moving_labels, fixed_labels, fixed_to_moving, moving_to_fixed, moving_valid, fixed_valid)
+        return _supervised(LossTerms(similarity + self.lmbda * regularity, similarity, regularity), self.label_weight,
+                           supervision)
 
 
 class DiffusionObjective(nn.Module):
-    """Phase 1 (warm-up): ``2·LNCC(A∘φ_AB, B) + λ·diffusion(φ_AB)``, one direction."""
+    """Phase 1 (warm-up): ``2·LNCC(A∘φ_AB, B) + λ·diffusion(φ_AB)``, one direction, plus
+    ``label_weight`` times twice the label overlap of the same warp when given label maps."""
 
-    def __init__(self, network: RegistrationModule, lmbda: float = 1.5, sigma: float = 4.0) -> None:
+    def __init__(self, network: RegistrationModule, lmbda: float = 1.5, sigma: float = 4.0, label_weight: float = 0.0) -> None:
         super().__init__()
         self.network = network
         self.lmbda = lmbda
         self.sigma = sigma
+        self.label_weight = label_weight
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, moving_valid: Optional[torch.Tensor] = None,
-                fixed_valid: Optional[torch.Tensor] = None) -> LossTerms:
+                fixed_valid: Optional[torch.Tensor] = None, moving_labels: Optional[torch.Tensor] = None,
+                fixed_labels: Optional[torch.Tensor] = None) -> LossTerms:
         identity = self.network.identity_map
         fixed_to_moving = self.network(moving, fixed)
         weight = _overlap(fixed_valid, moving_valid, fixed_to_moving)
         similarity = 2 * lncc_loss(sample(moving, fixed_to_moving), fixed, self.sigma, weight)
         regularity = diffusion(fixed_to_moving, identity)
-        return LossTerms(similarity + self.lmbda * regularity, similarity, regularity)
+        supervision = None if moving_labels is None else 2 * label_overlap_loss(
+            sample(moving_labels, fixed_to_moving), fixed_labels, weight)
+        return _supervised(LossTerms(similarity + self.lmbda * regularity, similarity, regularity), self.label_weight,
+                           supervision)
 
 
 OBJECTIVES = {
-    "gradicon": lambda net, lmbda, sigma: GradICONObjective(net, lmbda, sigma),
-    "gradicon_sparse": lambda net, lmbda, sigma: GradICONObjective(net, lmbda, sigma, sparse=True),
-    "diffusion": lambda net, lmbda, sigma: DiffusionObjective(net, lmbda, sigma),
+    "gradicon": lambda net, lmbda, sigma, weight: GradICONObjective(net, lmbda, sigma, label_weight=weight),
+    "gradicon_sparse": lambda net, lmbda, sigma, weight: GradICONObjective(net, lmbda, sigma, sparse=True,
+                                                                           label_weight=weight),
+    "diffusion": lambda net, lmbda, sigma, weight: DiffusionObjective(net, lmbda, sigma, weight),
 }
 
 
 def make_objective(
-    name: str, network: RegistrationModule, lmbda: float = 1.5, sigma: float = 4.0
+    name: str, network: RegistrationModule, lmbda: float = 1.5, sigma: float = 4.0, label_weight: float = 0.0
 ) -> nn.Module:
-    """The objective called ``name`` (``gradicon``, ``gradicon_sparse`` or ``diffusion``) around ``network``."""
+    """The objective called ``name`` (``gradicon``, ``gradicon_sparse`` or ``diffusion``) around
+    ``network``; ``label_weight`` weighs the label overlap when its forward is given label maps."""
     try:
         factory: Callable = OBJECTIVES[name]
     except KeyError:
         raise ValueError(f"make_objective(): objective must be one of {sorted(OBJECTIVES)}, got {name!r}") from None
-    return factory(network, lmbda, sigma)
+    return factory(network, lmbda, sigma, label_weight)

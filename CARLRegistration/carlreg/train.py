@@ -78,6 +78,10 @@ class TrainConfig:
     #: synthseg3d: the similarity taken only where both images are valid (content neither moved
     #: out of the box nor cut to a field of view; see :func:`carlreg.losses.symmetric_similarity`)
     mask_similarity: bool = False
+    #: synthseg3d: the weight of the label overlap (soft Dice of the warped brain label maps, both
+    #: ways; see :func:`carlreg.losses.symmetric_label_overlap`) added to the loss, supervision by
+    #: the maps the images are synthesised from, as SynthMorph trains; 0: unsupervised
+    label_weight: float = 0.0
     variant: str = "final_final"
     fourth_step: bool = False
     first_step: str = "attention"
@@ -122,19 +126,29 @@ def _step_seed(seed: int, step: int, rank: int, world: int) -> int:
 class PhaseObjective(nn.Module):
     """Both phases' objectives around one network, so that one DDP wrapper serves both."""
 
-    def __init__(self, network: nn.Module, lmbda: float, sigma: float) -> None:
+    def __init__(self, network: nn.Module, lmbda: float, sigma: float, label_weight: float = 0.0) -> None:
         super().__init__()
-        self.diffusion = make_objective("diffusion", network, lmbda, sigma)
-        self.gradicon = make_objective("gradicon", network, lmbda, sigma)
+        self.diffusion = make_objective("diffusion", network, lmbda, sigma, label_weight)
+        self.gradicon = make_objective("gradicon", network, lmbda, sigma, label_weight)
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phase: str,
-                moving_valid: Optional[torch.Tensor] = None, fixed_valid: Optional[torch.Tensor] = None):
-        return getattr(self, phase)(moving, fixed, moving_valid, fixed_valid)
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phase: str, *guides: Optional[torch.Tensor]):
+        """``guides``: the optional validity masks and one-hot label maps, in the objectives' order."""
+        return getattr(self, phase)(moving, fixed, *guides)
 
 
 def _masks(batch: LabelPair, device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The batch's validity masks on ``device`` (``mask_similarity``; None: every voxel valid)."""
     return tuple(None if m is None else m.to(device) for m in (batch.moving_valid, batch.fixed_valid))
+
+
+def one_hot_labels(batch: LabelPair, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The batch's moving and fixed label maps as ``(B, C, *shape)`` float one-hot maps on
+    ``device``, one channel per brain label (``0 < label <`` :data:`carlreg.data.BRAIN_LABEL_LIMIT`)
+    present in either map, in increasing order."""
+    both = torch.cat([batch.moving_labels.flatten(), batch.fixed_labels.flatten()])
+    codes = [int(v) for v in torch.unique(both) if 0 < int(v) < BRAIN_LABEL_LIMIT]
+    channels = torch.tensor(codes, device=device).view(1, -1, *([1] * (batch.moving_labels.dim() - 2)))
+    return tuple((labels.to(device) == channels).float() for labels in (batch.moving_labels, batch.fixed_labels))
 
 
 def _rank_and_world() -> Tuple[int, int]:
@@ -238,6 +252,9 @@ def train(
     if config.mask_similarity and config.data != "synthseg3d":
         raise ValueError(f"train(): mask_similarity is for synthseg3d data, whose cuts the data source knows, "
                          f"not {config.data!r} data; leave it false")
+    if config.label_weight and config.data != "synthseg3d":
+        raise ValueError(f"train(): label_weight is for synthseg3d data, whose label maps cover every image, "
+                         f"not {config.data!r} data; leave it 0")
     model, optimizer, start = _model_and_optimizer(config, device, output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
@@ -245,7 +262,7 @@ def train(
         _truncate_log(output / "log.jsonl", start)
     source = _make_source(config, "train")
     validation = _make_source(config, "validation") if config.validate_every and rank == 0 else None
-    loss_model: nn.Module = PhaseObjective(model, config.lmbda, config.sigma)
+    loss_model: nn.Module = PhaseObjective(model, config.lmbda, config.sigma, config.label_weight)
     if world > 1:
         loss_model = DistributedDataParallel(loss_model)
     end = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
@@ -264,7 +281,8 @@ def train(
             phase = "diffusion" if step < config.diffusion_steps else "gradicon"
             optimizer.zero_grad()
             masks = _masks(batch, device) if config.mask_similarity else (None, None)
-            terms = loss_model(batch.moving.to(device), batch.fixed.to(device), phase, *masks)
+            labels = one_hot_labels(batch, device) if config.label_weight else ()
+            terms = loss_model(batch.moving.to(device), batch.fixed.to(device), phase, *masks, *labels)
             terms.total.backward()
             optimizer.step()
             done = step + 1
@@ -276,6 +294,7 @@ def train(
                     "loss": float(terms.total.detach()),
                     "similarity": float(terms.similarity.detach()),
                     "regularity": float(terms.regularity.detach()),
+                    **({} if terms.supervision is None else {"supervision": float(terms.supervision.detach())}),
                     "seconds": time.perf_counter() - began,
                     "device": hardware,
                 }
@@ -313,7 +332,8 @@ def _time_is_up(deadline: Optional[float], world: int, device: torch.device) -> 
 
 
 def plot_log(log_path: Path, png_path: Path) -> bool:
-    """Loss, similarity, regularity and validation Dice against the step; False without matplotlib."""
+    """Loss, similarity, regularity (and label supervision) and validation Dice against the step;
+    False without matplotlib."""
     try:
         import matplotlib
 
@@ -324,8 +344,9 @@ def plot_log(log_path: Path, png_path: Path) -> bool:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     figure, (losses, dice) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in records]
-    for key in ("loss", "similarity", "regularity"):
-        losses.plot(steps, [r[key] for r in records], label=key, lw=0.8)
+    for key in ("loss", "similarity", "regularity", "supervision"):
+        if all(key in r for r in records):
+            losses.plot(steps, [r[key] for r in records], label=key, lw=0.8)
     losses.set_yscale("log")
     losses.set_xlabel("step")
     losses.legend()
