@@ -157,11 +157,12 @@ def test_a_burst_config_starts_from_shipped_weights_never_from_a_run_checkpoint(
     assert capture["init_from"] == "CARLRegistration/carlreg/weights/carl-brain-3d.pt"
     config = TrainConfig.from_dict(capture)
     assert config.box == (96, 104, 88) and config.data_folder == ".gpu-carry/data/x"
-    # bench/gpu_session.sh names the runs after the recipe and trains its displacement-only twin beside it
+    # bench/gpu_session.sh names the runs after the recipe and trains its displacement-only twin after it, to its step
     name = Path(config.output).name
     assert config.output == f"runs/{gpu_carry.TRAIN_RECIPE.stem}" and name.startswith("carl-brain-3d-")
     twin = TrainConfig.from_dict(json.loads((REPO / "weights" / "training" / f"unet-{name[len('carl-'):]}.json").read_text()))
-    assert (twin.box, twin.field_of_view_mm, twin.mask_similarity) == (config.box, config.field_of_view_mm, config.mask_similarity)
+    same = ("box", "max_shift", "shifts", "field_of_view_mm", "mask_similarity", "label_weight", "seed", "background")
+    assert [getattr(twin, key) for key in same] == [getattr(config, key) for key in same]
     assert twin.first_step == "unet"
     dark = gpu_carry.write_train_config(REPO / "weights" / "training" / "carl-brain-3d-dark.json", tmp_path / "dark.json", "d")
     assert dark["init_from"] == "" and TrainConfig.from_dict(dark).box == (64, 72, 64)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: bench/gpu_check.py (the cuda tests, then timings), then a training
-# burst of the two capture-range recipes side by side on the same GPU, each from its shipped weights
-# (CARL: the recipe bench/gpu_carry.py carried as .gpu-carry/train-config.json, its TRAIN_RECIPE; the
-# displacement-only baseline: the unet-brain-3d recipe of the same name), on the label maps that
+# burst of the two capture-range recipes one after the other, each from its shipped weights (CARL:
+# the recipe bench/gpu_carry.py carried as .gpu-carry/train-config.json, its TRAIN_RECIPE, for the
+# burst's minutes; then the displacement-only baseline, the unet-brain-3d recipe of the same name,
+# to CARL's step, so that the two compare like with like), on the label maps that
 # bench/gpu_carry.py resampled onto their common box. Under OUT come back the check's files and both runs' logs in
 # session.tar.gz and each run's checkpoint.pt in 15 MiB parts (the tool returns files of at most
 # 16 MiB, 64 MiB in all); `cat NAME.part-* > checkpoint.pt` rebuilds it, and the run resumes on any
@@ -10,8 +11,9 @@
 # checkpoint over the total is fetched by a second call: `bash bench/gpu_session.sh fetch $OUT RUN`.
 #
 # Prepare here: make gpu-carry. The device call:
-# run(command="bash bench/gpu_session.sh $OUT 3.5 5", carry=[".gpu-carry"], timeout_s=595)
-# Arguments: OUT, the check's budget in minutes, each burst's minutes. PY names the interpreter.
+# run(command="bash bench/gpu_session.sh $OUT 2.5 3.5", carry=[".gpu-carry"], timeout_s=595)
+# Arguments: OUT, the check's budget in minutes, CARL's minutes (the displacement-only run, faster
+# per step, gets as many at most). PY names the interpreter.
 set -u
 runs=build/gpu-runs
 if [ "${1:-}" = fetch ]; then
@@ -35,17 +37,16 @@ echo "gpu_check: exit $?"
 $py -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import gpu_carry; \
 gpu_carry.unpack_site(Path('.gpu-carry'), Path('$work/site'))" || exit 1
 export PYTHONPATH="$work/site:CARLRegistration${PYTHONPATH:+:$PYTHONPATH}"
-# each process synthesises its pairs on the CPU: half the cores each
-export OMP_NUM_THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
 # the runs are named as their recipes: carl-brain-3d-NAME and unet-brain-3d-NAME
 carl=$(basename "$($py -c "import json; print(json.load(open('.gpu-carry/train-config.json'))['output'])")")
 unet=${carl/carl-brain/unet-brain}
 common=(--device "${DEVICE:-cuda}" --max-minutes "$train_minutes" --progress json --set checkpoint_every=100)
 $py -m carlreg train --config .gpu-carry/train-config.json --set output=$runs/$carl \
-    "${common[@]}" > "$work/carl-train.log" 2>&1 &
-$py -m carlreg train --config weights/training/$unet.json --set output=$runs/$unet \
-    --set data_folder=.gpu-carry/data/synthseg_label_maps "${common[@]}" > "$work/unet-train.log" 2>&1 &
-wait
+    "${common[@]}" > "$work/carl-train.log" 2>&1
+steps=$($py -c "import torch; print(torch.load('$runs/$carl/checkpoint.pt', weights_only=True)['step'])") || exit 1
+$py -m carlreg train --config weights/training/$unet.json --set output=$runs/$unet --max-steps "$steps" \
+    --set data_folder=.gpu-carry/data/synthseg_label_maps "${common[@]}" > "$work/unet-train.log" 2>&1
+echo "steps: $carl $steps, $unet $($py -c "import torch; print(torch.load('$runs/$unet/checkpoint.pt', weights_only=True)['step'])")"
 room=$(( 60 * 2**20 ))
 for run in $carl $unet; do
     tail -n 2 "$runs/$run/log.jsonl"
