@@ -58,6 +58,13 @@ def test_checkpoints_are_judged_on_validation_pairs_never_on_the_test_pair(tmp_p
     assert (sitk.GetArrayFromImage(moving_labels) == sitk.GetArrayFromImage(original)).all()
     offset = brain._brain_centroid(fixed_labels) - brain._brain_centroid(moving_labels)
     assert np.allclose(offset, [0.0, 0.0, 30.0], atol=1.0), offset
+    # each checkpoint's Dice over all brain structures and over the deep grey ones alone
+    assert brain._dice(fixed_labels, fixed_labels) == {"dice": 1.0, "dice_deep": 1.0}
+    array = sitk.GetArrayFromImage(fixed_labels)
+    without_deep = sitk.GetImageFromArray(np.where(np.isin(array, brain.DEEP_GREY), 0, array))
+    without_deep.CopyInformation(fixed_labels)
+    figures = brain._dice(without_deep, fixed_labels)
+    assert figures["dice_deep"] == 0.0 and 0.5 < figures["dice"] < 1.0
 
 
 def test_equivariance_error_is_zero_for_an_equivariant_map_and_the_shift_for_one_that_ignores_it():

@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from baselines import ants_syn, elastix_affine_bspline, versions  # noqa: E402
 from carlreg.data import BACKGROUNDS, BRAIN_LABEL_LIMIT, SPLITS, label_map_image, random_contrast, synthesize_image  # noqa: E402
 from carlreg.geometry import jacobian_determinant  # noqa: E402
-from carlreg.metrics import mean_dice  # noqa: E402
+from carlreg.metrics import dice_per_label, mean_dice  # noqa: E402
 from carlreg.refine import RefineSettings  # noqa: E402
 from carlreg.registry import available_models, model_card  # noqa: E402
 
@@ -87,6 +87,9 @@ SWEEP_SHIFTS_MM = (0, 10, 20, 30, 40, 50, 60)
 SWEEP_METHODS = ("none", "ours", "displacement_only", "ants", "elastix")
 AXES = {"x (L→R)": 0, "y (P→A)": 1, "z (I→S)": 2}
 SEED = 2026
+#: the deep grey structures, both sides (thalamus, caudate, putamen, pallidum, hippocampus, amygdala,
+#: accumbens, ventral DC; FreeSurfer's labels): what a registration driven by the head's outline misses
+DEEP_GREY = (10, 11, 12, 13, 17, 18, 26, 28, 49, 50, 51, 52, 53, 54, 58, 60)
 
 
 def make_pairs(folder: Path, shift_mm=None, background: str = "dark", moving_shift_mm=None, subjects=SPLITS["test"]) -> list:
@@ -148,10 +151,13 @@ def _shifted(image: sitk.Image, shift_mm) -> sitk.Image:
     return sitk.Resample(image, image, sitk.TranslationTransform(3, [-float(s) for s in shift_mm]), interpolator, 0)
 
 
-def _dice(warped_labels: sitk.Image, fixed_labels: sitk.Image) -> float:
+def _dice(warped_labels: sitk.Image, fixed_labels: sitk.Image) -> dict:
+    """Mean Dice over the fixed map's brain structures (``dice``) and over its deep grey ones (``dice_deep``)."""
     warped = torch.from_numpy(sitk.GetArrayFromImage(warped_labels).astype(np.int64))
     fixed = torch.from_numpy(sitk.GetArrayFromImage(fixed_labels).astype(np.int64))
-    return mean_dice(warped, fixed, BRAIN_LABEL_LIMIT)
+    deep = dice_per_label(warped, fixed, [v for v in DEEP_GREY if bool((fixed == v).any())])
+    return {"dice": mean_dice(warped, fixed, BRAIN_LABEL_LIMIT),
+            "dice_deep": statistics.mean(deep.values()) if deep else float("nan")}
 
 
 def _folding(field: sitk.Image) -> float:
@@ -187,7 +193,7 @@ def run_one(method: str, moving: dict, fixed: dict, model: str, io_steps: int, w
     else:
         raise ValueError(f"run_one(): method must be one of {METHODS}, got {method!r}")
     seconds = time.perf_counter() - started
-    return {"dice": _dice(warped, fixed_labels), "folding_percent": _folding(field), "seconds": seconds}
+    return {**_dice(warped, fixed_labels), "folding_percent": _folding(field), "seconds": seconds}
 
 
 def run_in_fresh_process(method: str, moving: dict, fixed: dict, model: str, io_steps: int) -> dict:
@@ -208,9 +214,10 @@ PEER_METHODS = ("none", "ants", "elastix")
 
 
 def _row_numbers(row: dict) -> dict:
-    """A sweep CSV row with its figures as numbers (the CSV holds text)."""
+    """A sweep CSV row with its figures as numbers (the CSV holds text; a figure its run did not
+    measure, such as ``dice_deep`` before it existed, is left out)."""
     return {key: value if key in ("axis", "method") else int(value) if key == "shift_mm" else float(value)
-            for key, value in row.items()}
+            for key, value in row.items() if value != ""}
 
 
 def kept_rows(output: str, methods) -> tuple:
@@ -276,7 +283,8 @@ def sweep(model: str, unet_model: str, methods, output: str, keep=(), split: boo
     print(text)
     (RESULTS / f"{output}.txt").write_text(text + "\n")
     with open(RESULTS / f"{output}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # kept rows may lack a figure that the new ones have
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     import matplotlib
