@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from carlreg.data import PairsSource, SynthSegSource, _cut_to_window, _translate, random_contrast
+from carlreg.data import BRAIN_LABEL_LIMIT, PairsSource, SynthSegSource, _cut_to_window, _translate, random_contrast
 from carlreg.device import describe_device
-from carlreg.data import BRAIN_LABEL_LIMIT
 from carlreg.losses import gaussian_blur, label_overlap_loss, lncc, lncc_loss, symmetric_label_overlap, symmetric_similarity
 from carlreg.maps import identity_map, sample
 from carlreg.models import load_model

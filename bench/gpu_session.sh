@@ -43,10 +43,11 @@ unet=${carl/carl-brain/unet-brain}
 common=(--device "${DEVICE:-cuda}" --max-minutes "$train_minutes" --progress json --set checkpoint_every=100)
 $py -m carlreg train --config .gpu-carry/train-config.json --set output=$runs/$carl \
     "${common[@]}" > "$work/carl-train.log" 2>&1
-steps=$($py -c "import torch; print(torch.load('$runs/$carl/checkpoint.pt', weights_only=True)['step'])") || exit 1
+step_of() { $py -c "import torch; print(torch.load('$runs/$1/checkpoint.pt', weights_only=True)['step'])"; }
+steps=$(step_of "$carl") || exit 1
 $py -m carlreg train --config weights/training/$unet.json --set output=$runs/$unet --max-steps "$steps" \
     --set data_folder=.gpu-carry/data/synthseg_label_maps "${common[@]}" > "$work/unet-train.log" 2>&1
-echo "steps: $carl $steps, $unet $($py -c "import torch; print(torch.load('$runs/$unet/checkpoint.pt', weights_only=True)['step'])")"
+echo "steps: $carl $steps, $unet $(step_of "$unet")"
 room=$(( 60 * 2**20 ))
 for run in $carl $unet; do
     tail -n 2 "$runs/$run/log.jsonl"
