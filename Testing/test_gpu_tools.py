@@ -161,7 +161,7 @@ def test_a_burst_config_starts_from_shipped_weights_never_from_a_run_checkpoint(
     name = Path(config.output).name
     assert config.output == f"runs/{gpu_carry.TRAIN_RECIPE.stem}" and name.startswith("carl-brain-3d-")
     twin = TrainConfig.from_dict(json.loads((REPO / "weights" / "training" / f"unet-{name[len('carl-'):]}.json").read_text()))
-    same = ("box", "max_shift", "shifts", "field_of_view_mm", "mask_similarity", "label_weight", "seed", "background")
+    same = ("box", "max_shift", "shifts", "field_of_view_mm", "mask_similarity", "label_weight", "ema_decay", "seed", "background")
     assert [getattr(twin, key) for key in same] == [getattr(config, key) for key in same]
     assert twin.first_step == "unet"
     dark = gpu_carry.write_train_config(REPO / "weights" / "training" / "carl-brain-3d-dark.json", tmp_path / "dark.json", "d")

@@ -100,6 +100,31 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert not all(torch.equal(v, final_straight[n]) for n, v in train(config).named_parameters())
 
 
+def test_a_weight_average_stands_for_the_run_and_resumes_with_it(tmp_path):
+    """``ema_decay``: the checkpoint keeps the weights' exponential moving average beside the
+    trained weights; it survives a resume, and model.pt, the returned network and load_model are it."""
+    output = tmp_path / "averaged"
+    config = _pairs_config(tmp_path, output, ema_decay=0.75)
+    train(config, max_steps_this_run=1)
+    first = load_checkpoint(output / "checkpoint.pt")
+    assert first["averaged_steps"] == 1
+    for name, value in first["model"].items():
+        assert torch.equal(first["average"][name], value), name
+    returned = train(config)
+    second = load_checkpoint(output / "checkpoint.pt")
+    assert second["step"] == 2 and second["averaged_steps"] == 2
+    floats = [name for name, value in second["model"].items() if value.is_floating_point()]
+    for name in floats:
+        expected = 0.75 * first["model"][name] + 0.25 * second["model"][name]
+        assert torch.allclose(second["average"][name], expected, rtol=0, atol=1e-6), name
+    moved = [name for name in floats if not torch.equal(second["model"][name], first["model"][name])]
+    assert moved and not torch.equal(second["average"][moved[0]], second["model"][moved[0]])
+    saved = torch.load(output / "model.pt", weights_only=True)
+    loaded = load_model(output / "checkpoint.pt", "cpu")
+    for network in (saved, returned.state_dict(), loaded.state_dict()):
+        assert all(torch.equal(value, second["average"][name]) for name, value in network.items())
+
+
 def test_relative_shifts_train_the_largest_offsets_as_often_as_the_small_ones():
     """``shifts="relative"``: a pair's relative shift is uniform up to twice ``max_shift`` per axis
     and each image stays within ``max_shift`` (``each``, independent shifts, would draw the

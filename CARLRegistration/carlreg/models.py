@@ -34,7 +34,7 @@ from .network.unicarl import CHECKPOINT_PREFIX, build_unicarl, load_unicarl_chec
 from .progress import CancelCheck, ProgressCallback
 from .registry import WEIGHTS_DIR, available_models, model_card, sha256_of, weights_path
 
-__all__ = ["WEIGHTS_DIR", "available_models", "model_card", "load_model", "sha256_of", "weights_path"]
+__all__ = ["WEIGHTS_DIR", "available_models", "model_card", "load_model", "checkpoint_weights", "sha256_of", "weights_path"]
 
 def _config_from_architecture(architecture: Dict, source: str) -> CARLConfig:
     try:
@@ -84,6 +84,12 @@ def _is_unicarl_file(state) -> bool:
     return isinstance(state, dict) and bool(state) and all(str(k).startswith(CHECKPOINT_PREFIX) for k in state)
 
 
+def checkpoint_weights(state: Dict) -> Dict[str, torch.Tensor]:
+    """The weights a carl-train checkpoint stands for: the average of its trained weights when the
+    run keeps one (``ema_decay``), else the trained weights themselves."""
+    return state["average"] if "average" in state else state["model"]
+
+
 def _load_file(path: Path) -> Dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -128,7 +134,7 @@ def load_model(
         if settings.get("data") == "synthseg3d":
             architecture["input_spacing_mm"] = settings.get("spacing_mm")
         config = _config_from_architecture(architecture, str(path))
-        return _build_and_load(config, state["model"], str(path)).to(device).eval()
+        return _build_and_load(config, checkpoint_weights(state), str(path)).to(device).eval()
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         raise ValueError(

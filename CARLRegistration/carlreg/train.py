@@ -10,10 +10,16 @@ global generator (GradICON's jitter) and draws its batch from a generator seeded
 ``(seed, step)``; with the model, optimizer and step restored from a checkpoint, a resumed run
 continues exactly as the uninterrupted run would have.
 
-Files in ``output``: ``checkpoint.pt`` (model, optimizer, step, config; written under temporary
-names and renamed together with ``model.pt``), ``model.pt`` (the weights alone), ``log.jsonl`` (one line per step, plus
-validation lines), ``loss.png`` (the curves, redrawn at each checkpoint when matplotlib is
-installed) and ``config.json``.
+With ``ema_decay`` the run also keeps an exponential moving average of its weights (BatchNorm
+statistics included, ``torch.optim.swa_utils``), which stands for the run: validated, written to
+``model.pt`` and loaded from the checkpoint; the figure of one pair otherwise moves with the last
+steps' noise.
+
+Files in ``output``: ``checkpoint.pt`` (model, optimizer, step, config, and the average; written
+under temporary names and renamed together with ``model.pt``), ``model.pt`` (the run's weights
+alone: the average when kept), ``log.jsonl`` (one line per step, plus validation lines),
+``loss.png`` (the curves, redrawn at each checkpoint when matplotlib is installed) and
+``config.json``.
 """
 from __future__ import annotations
 
@@ -22,12 +28,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .data import BRAIN_LABEL_LIMIT, LabelPair, PairsSource, SynthSegSource
 from .device import describe_device
@@ -35,6 +42,7 @@ from .io import atomic_outputs
 from .losses import make_objective
 from .maps import sample
 from .metrics import mean_dice
+from .models import checkpoint_weights
 from .network import build_carl, set_box
 from .progress import CancelCheck, ProgressCallback, StageReporter
 from .retina import DriveSource
@@ -82,6 +90,10 @@ class TrainConfig:
     #: ways; see :func:`carlreg.losses.symmetric_label_overlap`) added to the loss, supervision by
     #: the maps the images are synthesised from, as SynthMorph trains; 0: unsupervised
     label_weight: float = 0.0
+    #: the decay per step of the weights' exponential moving average that stands for the run
+    #: (validated, written to ``model.pt``; 0.999 averages over about the last thousand steps);
+    #: 0: none, the last step's weights
+    ema_decay: float = 0.0
     variant: str = "final_final"
     fourth_step: bool = False
     first_step: str = "attention"
@@ -208,9 +220,24 @@ def validate(
     return {"val_dice_before": sum(before) / pairs, "val_dice_after": sum(after) / pairs}
 
 
-def _model_and_optimizer(config: TrainConfig, device: torch.device, output: Path) -> Tuple[nn.Module, torch.optim.Adam, int]:
-    """The network and its optimizer on ``device`` and the step they are at: resumed from
-    ``output``'s checkpoint, else started from ``config.init_from``'s weights (step 0), else new."""
+class _Trainee(NamedTuple):
+    """What a run trains and keeps: the network, its optimizer, the weights' average (None
+    without ``ema_decay``) and the step they are at."""
+
+    model: nn.Module
+    optimizer: torch.optim.Adam
+    average: Optional[AveragedModel]
+    step: int
+
+    @property
+    def kept(self) -> nn.Module:
+        """The network that stands for the run: the average when kept."""
+        return self.model if self.average is None else self.average.module
+
+
+def _trainee(config: TrainConfig, device: torch.device, output: Path) -> _Trainee:
+    """The network, its optimizer and average on ``device`` and the step they are at: resumed
+    from ``output``'s checkpoint, else started from ``config.init_from``'s weights (step 0), else new."""
     model = build_carl(
         len(config.input_shape), config.input_shape, config.variant, config.fourth_step, config.width, config.first_step,
         config.box,
@@ -218,15 +245,64 @@ def _model_and_optimizer(config: TrainConfig, device: torch.device, output: Path
     set_box(model, config.box)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    average = None
+    if config.ema_decay:
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     if (output / CHECKPOINT).exists():
         state = load_checkpoint(output / CHECKPOINT)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        return model, optimizer, int(state["step"])
+        if average is not None and "average" in state:
+            average.module.load_state_dict(state["average"])
+            average.n_averaged.fill_(int(state["averaged_steps"]))
+        return _Trainee(model, optimizer, average, int(state["step"]))
     if config.init_from:
         state = load_checkpoint(Path(config.init_from))
-        model.load_state_dict(state["model"] if "model" in state and "optimizer" in state else state, strict=True)
-    return model, optimizer, 0
+        model.load_state_dict(checkpoint_weights(state) if "model" in state and "optimizer" in state else state, strict=True)
+    return _Trainee(model, optimizer, average, 0)
+
+
+def _check_data_settings(config: TrainConfig) -> None:
+    """Refuse the settings that only synthesised brains can serve, for other data."""
+    if config.box != tuple(config.input_shape) and config.data != "synthseg3d":
+        raise ValueError(f"train(): box_shape is for synthseg3d boxes, not {config.data!r} data; leave it empty")
+    if config.mask_similarity and config.data != "synthseg3d":
+        raise ValueError(f"train(): mask_similarity is for synthseg3d data, whose cuts the data source knows, "
+                         f"not {config.data!r} data; leave it false")
+    if config.label_weight and config.data != "synthseg3d":
+        raise ValueError(f"train(): label_weight is for synthseg3d data, whose label maps cover every image, "
+                         f"not {config.data!r} data; leave it 0")
+
+
+def _train_step(config: TrainConfig, step: int, source, loss_model: nn.Module, optimizer, device: torch.device):
+    """One optimisation step on the step's own batch and seed (exact resume); returns the phase
+    and the loss terms."""
+    rank, world = _rank_and_world()
+    seed = _step_seed(config.seed, step, rank, world)
+    torch.manual_seed(seed)
+    batch = source.batch(config.batch_size, torch.Generator().manual_seed(seed))
+    phase = "diffusion" if step < config.diffusion_steps else "gradicon"
+    optimizer.zero_grad()
+    masks = _masks(batch, device) if config.mask_similarity else (None, None)
+    labels = one_hot_labels(batch, device) if config.label_weight else ()
+    terms = loss_model(batch.moving.to(device), batch.fixed.to(device), phase, *masks, *labels)
+    terms.total.backward()
+    optimizer.step()
+    return phase, terms
+
+
+def _record(step: int, phase: str, terms, seconds: float, hardware: str) -> Dict[str, Any]:
+    """A step's log line."""
+    return {
+        "step": step,
+        "phase": phase,
+        "loss": float(terms.total.detach()),
+        "similarity": float(terms.similarity.detach()),
+        "regularity": float(terms.regularity.detach()),
+        **({} if terms.supervision is None else {"supervision": float(terms.supervision.detach())}),
+        "seconds": seconds,
+        "device": hardware,
+    }
 
 
 def train(
@@ -242,69 +318,47 @@ def train(
     ``max_steps_this_run`` stops early after that many steps, ``max_seconds_this_run`` after the
     step during which that much wall time has passed (a burst on a lent GPU); the checkpoint is
     then written, in the same format on any device, so that the run resumes anywhere. Returns the
-    model.
+    network that stands for the run (the weights' average with ``ema_decay``).
     """
     rank, world = _rank_and_world()
     output = Path(config.output)
     torch.manual_seed(config.seed)
-    if config.box != tuple(config.input_shape) and config.data != "synthseg3d":
-        raise ValueError(f"train(): box_shape is for synthseg3d boxes, not {config.data!r} data; leave it empty")
-    if config.mask_similarity and config.data != "synthseg3d":
-        raise ValueError(f"train(): mask_similarity is for synthseg3d data, whose cuts the data source knows, "
-                         f"not {config.data!r} data; leave it false")
-    if config.label_weight and config.data != "synthseg3d":
-        raise ValueError(f"train(): label_weight is for synthseg3d data, whose label maps cover every image, "
-                         f"not {config.data!r} data; leave it 0")
-    model, optimizer, start = _model_and_optimizer(config, device, output)
+    _check_data_settings(config)
+    trainee = _trainee(config, device, output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        _truncate_log(output / "log.jsonl", start)
+        _truncate_log(output / "log.jsonl", trainee.step)
     source = _make_source(config, "train")
     validation = _make_source(config, "validation") if config.validate_every and rank == 0 else None
-    loss_model: nn.Module = PhaseObjective(model, config.lmbda, config.sigma, config.label_weight)
+    loss_model: nn.Module = PhaseObjective(trainee.model, config.lmbda, config.sigma, config.label_weight)
     if world > 1:
         loss_model = DistributedDataParallel(loss_model)
+    start = trainee.step
     end = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
     reporter = StageReporter("training", end - start, progress, should_cancel)
     deadline = None if max_seconds_this_run is None else time.monotonic() + max_seconds_this_run
     # each step's record names its device: a run may go on elsewhere (a GPU burst, then the CPU)
     hardware = describe_device(device)
-    model.train()
+    trainee.model.train()
     log = open(output / "log.jsonl", "a") if rank == 0 else None
     try:
         for step in range(start, end):
             began = time.perf_counter()
-            seed = _step_seed(config.seed, step, rank, world)
-            torch.manual_seed(seed)
-            batch = source.batch(config.batch_size, torch.Generator().manual_seed(seed))
-            phase = "diffusion" if step < config.diffusion_steps else "gradicon"
-            optimizer.zero_grad()
-            masks = _masks(batch, device) if config.mask_similarity else (None, None)
-            labels = one_hot_labels(batch, device) if config.label_weight else ()
-            terms = loss_model(batch.moving.to(device), batch.fixed.to(device), phase, *masks, *labels)
-            terms.total.backward()
-            optimizer.step()
+            phase, terms = _train_step(config, step, source, loss_model, trainee.optimizer, device)
+            if trainee.average is not None:
+                trainee.average.update_parameters(trainee.model)
             done = step + 1
             stopping = done == end or _time_is_up(deadline, world, device)
             if log is not None:
-                record = {
-                    "step": done,
-                    "phase": phase,
-                    "loss": float(terms.total.detach()),
-                    "similarity": float(terms.similarity.detach()),
-                    "regularity": float(terms.regularity.detach()),
-                    **({} if terms.supervision is None else {"supervision": float(terms.supervision.detach())}),
-                    "seconds": time.perf_counter() - began,
-                    "device": hardware,
-                }
+                record = _record(done, phase, terms, time.perf_counter() - began, hardware)
                 if done % config.checkpoint_every == 0 or stopping:
-                    _save(model, optimizer, done, config, output)
+                    _save(trainee, done, config, output)
                     log.flush()
                     plot_log(output / "log.jsonl", output / "loss.png")
                 if validation is not None and done % config.validate_every == 0:
                     below = BRAIN_LABEL_LIMIT if config.data == "synthseg3d" else None
-                    record.update(validate(model, validation, config.validation_pairs, device, below))
+                    record.update(validate(trainee.kept, validation, config.validation_pairs, device, below))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             reporter.report(done - start, f"{phase} loss {float(terms.total.detach()):.4f}")
@@ -315,9 +369,9 @@ def train(
             log.close()
     if world > 1:
         # DDP keeps parameters equal; BatchNorm statistics are rank 0's, as its forward broadcasts them
-        for buffer in model.buffers():
+        for buffer in trainee.kept.buffers():
             dist.broadcast(buffer, 0)
-    return model
+    return trainee.kept
 
 
 def _time_is_up(deadline: Optional[float], world: int, device: torch.device) -> bool:
@@ -373,8 +427,11 @@ def _truncate_log(path: Path, last_step: int) -> None:
         reserve(path).write_text("".join(line + "\n" for line in kept))
 
 
-def _save(model, optimizer, step: int, config: TrainConfig, output: Path) -> None:
+def _save(trainee: _Trainee, step: int, config: TrainConfig, output: Path) -> None:
+    state = {"model": trainee.model.state_dict(), "optimizer": trainee.optimizer.state_dict(), "step": step,
+             "config": asdict(config)}
+    if trainee.average is not None:
+        state.update(average=trainee.average.module.state_dict(), averaged_steps=int(trainee.average.n_averaged))
     with atomic_outputs() as reserve:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config)}
         torch.save(state, reserve(output / CHECKPOINT))
-        torch.save(model.state_dict(), reserve(output / "model.pt"))
+        torch.save(checkpoint_weights(state), reserve(output / "model.pt"))
