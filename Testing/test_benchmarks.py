@@ -27,19 +27,26 @@ def test_known_warp_truth_is_the_inverse_of_the_warp_that_made_the_moving_image(
 def test_brain_sweep_pairs_are_centroid_aligned_then_shifted(tmp_path):
     shared_data_path("synthseg_label_maps")
     brain = load_bench("brain")
-    # (offset between the two, the moving content's own shift: --split moves each by half)
-    for shift, moving_shift in (([0.0, 0.0, 0.0], None), ([0.0, -30.0, 0.0], [0.0, 15.0, 0.0]), ([0.0, 0.0, 60.0], None)):
-        folder = tmp_path / str(shift[1] + shift[2])
+    original_moving = brain.label_map_image(brain.LABEL_MAPS / "training_seg_19.nii.gz", brain.SHAPE, brain.SPACING_MM)
+    for shift, placement in (([0.0, 0.0, 0.0], "fixed"), ([0.0, -30.0, 0.0], "split"), ([0.0, 0.0, 60.0], "fixed"),
+                             ([-20.0, 0.0, 0.0], "together")):
+        folder = tmp_path / f"{placement}{shift[0] + shift[1] + shift[2]}"
         folder.mkdir()
-        fixed_shift = shift if moving_shift is None else np.add(shift, moving_shift).tolist()
+        fixed_shift, moving_shift = brain.placement_shifts(shift, placement)
         moving, fixed = brain.make_pairs(folder, fixed_shift, moving_shift_mm=moving_shift)[0]
         moving_labels, fixed_labels = sitk.ReadImage(str(moving["labels"])), sitk.ReadImage(str(fixed["labels"]))
         offset = brain._brain_centroid(fixed_labels) - brain._brain_centroid(moving_labels)
-        # at 60 mm part of the head leaves the field of view, which moves the centroid a little
-        assert np.allclose(offset, shift, atol=1.0 if max(map(abs, shift)) < 60 else 4.0), (shift, offset)
+        # the offset between the two is the shift, none when they move together; at 60 mm part of
+        # the head leaves the field of view, which moves the centroid a little
+        expected = [0.0, 0.0, 0.0] if placement == "together" else shift
+        assert np.allclose(offset, expected, atol=1.0 if max(map(abs, shift)) < 60 else 4.0), (shift, placement, offset)
+        moved = brain._brain_centroid(moving_labels) - brain._brain_centroid(original_moving)
+        assert np.allclose(moved, {"fixed": [0.0] * 3, "split": np.multiply(shift, -0.5), "together": shift}[placement], atol=1.0)
         if not any(shift):  # aligned by moving the grid, not by resampling: the voxels are the scan's own
             original = brain.label_map_image(brain.LABEL_MAPS / "training_seg_20.nii.gz", brain.SHAPE, brain.SPACING_MM)
             assert (sitk.GetArrayFromImage(fixed_labels) == sitk.GetArrayFromImage(original)).all()
+    with pytest.raises(ValueError, match="placement must be one of"):
+        brain.placement_shifts([0.0, 0.0, 0.0], "both")
 
 
 def test_checkpoints_are_judged_on_validation_pairs_never_on_the_test_pair(tmp_path):

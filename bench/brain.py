@@ -29,10 +29,14 @@ differently would lose it); ours, the displacement-only network trained the same
 (``--unet-model``), ANTs and Elastix (``--methods`` also takes ours_cover). Dice and folding.
 ``--split``: the same offsets with each image's content moved by half of it, in opposite
 directions (neither nears its grid's edge): what the offset costs, apart from where the content sits.
+``--together``: both images' content moved by the shift, no offset between them: what where the
+content sits costs, apart from the offset (a translation-equivariant network on an unbounded
+grid would not move; the rows at small shifts are also the sweep's noise floor).
 
 Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_cover,ours_svf,ours_svf_4mm,ours_io,displacement_only,ants,elastix] [--background dark|random]
-       python bench/brain.py --sweep [--split] [--model ...] [--unet-model ...] [--methods ...] [--keep none,ants,elastix] [--output brain_sweep]
-Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png} (brain_sweep_split with --split).
+       python bench/brain.py --sweep [--split | --together] [--model ...] [--unet-model ...] [--methods ...] [--keep none,ants,elastix] [--output brain_sweep]
+Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png} (brain_sweep_split with --split,
+brain_sweep_together with --together).
 """
 from __future__ import annotations
 
@@ -238,6 +242,24 @@ def kept_rows(output: str, methods) -> tuple:
     return rows, date
 
 
+#: where a sweep step moves the content (:func:`placement_shifts`)
+PLACEMENTS = ("fixed", "split", "together")
+
+
+def placement_shifts(shift_lps, placement: str) -> tuple:
+    """The fixed and the moving content's shifts (LPS mm; the moving's None: in place) of a sweep
+    step of ``shift_lps``: the fixed content by all of it (``fixed``), each by half of it in
+    opposite directions (``split``), or both by all of it, no offset between them (``together``)."""
+    if placement == "fixed":
+        return list(shift_lps), None
+    if placement == "split":
+        half = [s / 2 for s in shift_lps]
+        return half, [-s for s in half]
+    if placement == "together":
+        return list(shift_lps), list(shift_lps)
+    raise ValueError(f"placement_shifts(): placement must be one of {PLACEMENTS}, got {placement!r}")
+
+
 def sweep_shift(axis: int, shift_mm: float) -> list:
     """The sweep's shift of ``shift_mm`` along ``axis`` (0, 1, 2: x, y, z) towards R, A or S, in LPS mm."""
     shift = [0.0, 0.0, 0.0]
@@ -246,28 +268,29 @@ def sweep_shift(axis: int, shift_mm: float) -> list:
     return shift
 
 
-def sweep(model: str, unet_model: str, methods, output: str, keep=(), split: bool = False) -> None:
+#: what each placement's header says of it
+PLACEMENT_NOTES = {"fixed": "", "split": "; split: the fixed content moved by +half the shift, the moving by −half",
+                   "together": "; together: both contents moved by the shift, no offset between them"}
+
+
+def sweep(model: str, unet_model: str, methods, output: str, keep=(), placement: str = "fixed") -> None:
     """Dice against the fixed image's shift along each axis (the paper's Fig. 4), pair 19 → 20;
-    the rows of the ``keep`` methods are the committed ones (:func:`kept_rows`). ``split``: the
-    same offsets between the two, each image's content moved by half of it, in opposite
-    directions, so that neither nears its grid's edge as the fixed one does."""
+    the rows of the ``keep`` methods are the committed ones (:func:`kept_rows`). ``placement``
+    (:func:`placement_shifts`): ``split`` gives the same offsets with neither content near its
+    grid's edge as the fixed one nears it; ``together`` moves both contents, no offset."""
     rows, kept_date = kept_rows(output, keep) if keep else ([], "")
     for axis_name, axis in AXES.items():
         for shift in SWEEP_SHIFTS_MM:
-            shift_lps = sweep_shift(axis, shift)
-            moving_shift = None
-            if split:
-                shift_lps = [s / 2 for s in shift_lps]
-                moving_shift = [-s for s in shift_lps]
+            fixed_shift, moving_shift = placement_shifts(sweep_shift(axis, shift), placement)
             with tempfile.TemporaryDirectory(prefix="bench-brain-sweep-") as folder:
-                moving, fixed = make_pairs(Path(folder), shift_lps, moving_shift_mm=moving_shift)[0]
+                moving, fixed = make_pairs(Path(folder), fixed_shift, moving_shift_mm=moving_shift)[0]
                 for method in methods:
                     chosen = unet_model if method == "displacement_only" else model
                     figures = run_in_fresh_process(method, moving, fixed, chosen, 0)
                     rows.append({"axis": axis_name, "shift_mm": shift, "method": method, **figures})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     kept = f"; rows of {', '.join(keep)} from the run of {kept_date}" if keep else ""
-    kept += "; split: the fixed content moved by +half the shift, the moving by −half" if split else ""
+    kept += PLACEMENT_NOTES[placement]
     methods = [method for method in METHODS if method in methods or method in keep]
     lines = [f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
              f"{versions()}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures{kept}",
@@ -297,7 +320,7 @@ def sweep(model: str, unet_model: str, methods, output: str, keep=(), split: boo
         for method in methods:
             values = [r["dice"] for r in rows if r["axis"] == axis_name and r["method"] == method]
             plot_axis.plot(SWEEP_SHIFTS_MM, values, "o-", label=method)
-        plot_axis.set_title(f"{'split' if split else 'fixed'} shifted along {axis_name}")
+        plot_axis.set_title(f"{placement} shifted along {axis_name}")
         plot_axis.set_xlabel("shift (mm)")
     axes[0].set_ylabel("mean Dice, brain structures")
     axes[0].legend(fontsize=8)
@@ -327,8 +350,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true", help="the translation sweep instead of the accuracy table")
     parser.add_argument("--keep", default="", help=f"sweep: comma-separated, of {PEER_METHODS}: their rows are the committed ones")
     parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network (sweep)")
-    parser.add_argument("--split", action="store_true",
-                        help="sweep: each image's content moved by half the offset, in opposite directions")
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--split", action="store_true",
+                           help="sweep: each image's content moved by half the offset, in opposite directions")
+    placement.add_argument("--together", action="store_true",
+                           help="sweep: both images' content moved by the shift, no offset between them")
     parser.add_argument("--background", default="dark", choices=BACKGROUNDS,
                         help="the test images' synthesised background (accuracy table)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -350,8 +376,9 @@ def main(argv=None) -> None:
     if args.sweep:
         keep = [m for m in args.keep.split(",") if m]
         methods = [m for m in (args.methods or ",".join(SWEEP_METHODS)).split(",") if m and m not in keep]
-        sweep(args.model, args.unet_model, methods, args.output or ("brain_sweep_split" if args.split else "brain_sweep"), keep,
-              args.split)
+        placement = "split" if args.split else "together" if args.together else "fixed"
+        default_output = "brain_sweep" if placement == "fixed" else f"brain_sweep_{placement}"
+        sweep(args.model, args.unet_model, methods, args.output or default_output, keep, placement)
         return
     accuracy_table(args, [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m], args.output or "brain")
 
