@@ -5,10 +5,12 @@
 # burst's minutes; then the displacement-only baseline, the unet-brain-3d recipe of the same name,
 # to CARL's step, so that the two compare like with like), on the label maps that
 # bench/gpu_carry.py resampled onto their common box. Under OUT come back the check's files and both runs' logs in
-# session.tar.gz and each run's checkpoint.pt in 15 MiB parts (the tool returns files of at most
-# 16 MiB, 64 MiB in all); `cat NAME.part-* > checkpoint.pt` rebuilds it, and the run resumes on any
-# device. The runs are written to build/gpu-runs (ignored: kept while the machine stays warm), so a
-# checkpoint over the total is fetched by a second call: `bash bench/gpu_session.sh fetch $OUT RUN`.
+# session.tar.gz, each run's model.pt (the weights that ship, the average with ema_decay) as
+# RUN.model.pt, and each run's checkpoint.pt in 15 MiB parts while they fit (the tool returns files
+# of at most 16 MiB, 64 MiB in all); `cat NAME.part-* > checkpoint.pt` rebuilds it, and the run
+# resumes on any device. The runs are written to build/gpu-runs (ignored: kept while the machine
+# stays warm), so a checkpoint over the total is fetched by a second call at once:
+# `bash bench/gpu_session.sh fetch $OUT RUN`.
 #
 # Prepare here: make gpu-carry. The device call:
 # run(command="bash bench/gpu_session.sh $OUT 2.5 3.5", carry=[".gpu-carry"], timeout_s=595)
@@ -48,8 +50,10 @@ steps=$(step_of "$carl") || exit 1
 $py -m carlreg train --config weights/training/$unet.json --set output=$runs/$unet --max-steps "$steps" \
     --set data_folder=.gpu-carry/data/synthseg_label_maps "${common[@]}" > "$work/unet-train.log" 2>&1
 echo "steps: $carl $steps, $unet $(step_of "$unet")"
-room=$(( 60 * 2**20 ))
+# what ships comes back first; the checkpoints, for resuming, in the room left
+room=$(( 60 * 2**20 - $(stat -c %s "$runs/$carl/model.pt") - $(stat -c %s "$runs/$unet/model.pt") ))
 for run in $carl $unet; do
+    cp "$runs/$run/model.pt" "$out/$run.model.pt"
     tail -n 2 "$runs/$run/log.jsonl"
     mkdir -p "$work/$run" && cp "$runs/$run"/{log.jsonl,config.json} "$work/$run/"
     size=$(stat -c %s "$runs/$run/checkpoint.pt")
