@@ -80,8 +80,9 @@ bench-landmarks: $(VENV)/.bench-installed
 # them (the sweep's peers keep their committed rows: their figures do not depend on our weights),
 # then ship again with the figures. About 1.5 hours on 2 cores, and 20 minutes more for the split
 # and together sweeps (the untimed sweeps, equivariance, known warps and inverse may run beside one
-# another, the timed tables alone); commit weights, cards and results. The network's instance optimization (ours_io: 50 steps on the trained box)
-# is left to bench-brain and bench-landmarks, which run every method.
+# another, the timed tables alone); commit weights, cards and results. The network's instance
+# optimization (ours_io: 50 steps on the trained box) is left to bench-brain and bench-landmarks,
+# which run every method.
 ship-brain: $(VENV)/.bench-installed
 	$(PY) weights/ship.py carl-brain-3d
 	$(PY) weights/ship.py unet-brain-3d

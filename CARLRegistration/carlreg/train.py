@@ -274,11 +274,10 @@ def _check_data_settings(config: TrainConfig) -> None:
                          f"not {config.data!r} data; leave it 0")
 
 
-def _train_step(config: TrainConfig, step: int, source, loss_model: nn.Module, optimizer, device: torch.device):
-    """One optimisation step on the step's own batch and seed (exact resume); returns the phase
-    and the loss terms."""
-    rank, world = _rank_and_world()
-    seed = _step_seed(config.seed, step, rank, world)
+def _train_step(config: TrainConfig, step: int, seed: int, source, loss_model: nn.Module, optimizer,
+                device: torch.device):
+    """One optimisation step on the step's own batch and ``seed`` (:func:`_step_seed`: exact
+    resume); returns the phase and the loss terms."""
     torch.manual_seed(seed)
     batch = source.batch(config.batch_size, torch.Generator().manual_seed(seed))
     phase = "diffusion" if step < config.diffusion_steps else "gradicon"
@@ -345,7 +344,8 @@ def train(
     try:
         for step in range(start, end):
             began = time.perf_counter()
-            phase, terms = _train_step(config, step, source, loss_model, trainee.optimizer, device)
+            seed = _step_seed(config.seed, step, rank, world)
+            phase, terms = _train_step(config, step, seed, source, loss_model, trainee.optimizer, device)
             if trainee.average is not None:
                 trainee.average.update_parameters(trainee.model)
             done = step + 1
