@@ -12,8 +12,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Two threads, as on the project's machines; results must not depend on it.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, as on the project's machines, shared among pytest-xdist's workers; results must not
+# depend on it.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 #: why a test marked ``cuda`` is skipped (also where CI runs: it has no GPU, a skip is not a failure)
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
