@@ -13,8 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Two threads, as on the project's machines, shared among pytest-xdist's workers; results must not
-# depend on it.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+# depend on it. The processes that tests start (workers, command lines) take as many: with more
+# threads than cores, OpenMP's waiting threads spin against the working ones (a test that starts a
+# worker took three times as long).
+THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(THREADS)
 
 #: why a test marked ``cuda`` is skipped (also where CI runs: it has no GPU, a skip is not a failure)
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
