@@ -242,8 +242,10 @@ def kept_rows(output: str, methods) -> tuple:
     return rows, date
 
 
-#: where a sweep step moves the content (:func:`placement_shifts`)
-PLACEMENTS = ("fixed", "split", "together")
+#: where a sweep step moves the content (:func:`placement_shifts`), and what the sweep's header says of it
+PLACEMENT_NOTES = {"fixed": "", "split": "; split: the fixed content moved by +half the shift, the moving by −half",
+                   "together": "; together: both contents moved by the shift, no offset between them"}
+PLACEMENTS = tuple(PLACEMENT_NOTES)
 
 
 def placement_shifts(shift_lps, placement: str) -> tuple:
@@ -266,11 +268,6 @@ def sweep_shift(axis: int, shift_mm: float) -> list:
     # positive RAS directions: x and y flip between RAS and LPS
     shift[axis] = float(shift_mm) * (-1.0 if axis < 2 else 1.0)
     return shift
-
-
-#: what each placement's header says of it
-PLACEMENT_NOTES = {"fixed": "", "split": "; split: the fixed content moved by +half the shift, the moving by −half",
-                   "together": "; together: both contents moved by the shift, no offset between them"}
 
 
 def sweep(model: str, unet_model: str, methods, output: str, keep=(), placement: str = "fixed") -> None:
@@ -351,9 +348,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", default="", help=f"sweep: comma-separated, of {PEER_METHODS}: their rows are the committed ones")
     parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network (sweep)")
     placement = parser.add_mutually_exclusive_group()
-    placement.add_argument("--split", action="store_true",
+    placement.add_argument("--split", dest="placement", action="store_const", const="split", default="fixed",
                            help="sweep: each image's content moved by half the offset, in opposite directions")
-    placement.add_argument("--together", action="store_true",
+    placement.add_argument("--together", dest="placement", action="store_const", const="together",
                            help="sweep: both images' content moved by the shift, no offset between them")
     parser.add_argument("--background", default="dark", choices=BACKGROUNDS,
                         help="the test images' synthesised background (accuracy table)")
@@ -376,9 +373,8 @@ def main(argv=None) -> None:
     if args.sweep:
         keep = [m for m in args.keep.split(",") if m]
         methods = [m for m in (args.methods or ",".join(SWEEP_METHODS)).split(",") if m and m not in keep]
-        placement = "split" if args.split else "together" if args.together else "fixed"
-        default_output = "brain_sweep" if placement == "fixed" else f"brain_sweep_{placement}"
-        sweep(args.model, args.unet_model, methods, args.output or default_output, keep, placement)
+        default_output = "brain_sweep" if args.placement == "fixed" else f"brain_sweep_{args.placement}"
+        sweep(args.model, args.unet_model, methods, args.output or default_output, keep, args.placement)
         return
     accuracy_table(args, [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m], args.output or "brain")
 

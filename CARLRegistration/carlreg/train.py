@@ -39,7 +39,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .data import BRAIN_LABEL_LIMIT, LabelPair, PairsSource, SynthSegSource
 from .device import describe_device
 from .io import atomic_outputs
-from .losses import make_objective
+from .losses import LossTerms, make_objective
 from .maps import sample
 from .metrics import mean_dice
 from .models import checkpoint_weights
@@ -274,8 +274,8 @@ def _check_data_settings(config: TrainConfig) -> None:
                          f"not {config.data!r} data; leave it 0")
 
 
-def _train_step(config: TrainConfig, step: int, seed: int, source, loss_model: nn.Module, optimizer,
-                device: torch.device):
+def _train_step(config: TrainConfig, step: int, seed: int, source, loss_model: nn.Module,
+                optimizer: torch.optim.Optimizer, device: torch.device) -> Tuple[str, LossTerms]:
     """One optimisation step on the step's own batch and ``seed`` (:func:`_step_seed`: exact
     resume); returns the phase and the loss terms."""
     torch.manual_seed(seed)
@@ -290,7 +290,7 @@ def _train_step(config: TrainConfig, step: int, seed: int, source, loss_model: n
     return phase, terms
 
 
-def _record(step: int, phase: str, terms, seconds: float, hardware: str) -> Dict[str, Any]:
+def _record(step: int, phase: str, terms: LossTerms, seconds: float, hardware: str) -> Dict[str, Any]:
     """A step's log line."""
     return {
         "step": step,
