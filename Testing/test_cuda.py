@@ -90,8 +90,8 @@ def test_instance_optimization_on_the_gpu_restores_the_weights():
     before = {name: value.clone() for name, value in model.state_dict().items()}
     reports = []
     maps = instance_optimize(model, moving, fixed, steps=10, learning_rate=1e-3, inverse=True, progress=reports.append)
-    assert [r.step for r in reports] == list(range(1, 11))
-    first, last = (float(r.message.split()[-1]) for r in (reports[0], reports[-1]))
+    assert [r.step for r in reports] == list(range(0, 11))
+    first, last = (float(r.message.split()[-1]) for r in (reports[1], reports[-1]))
     assert last < first, (first, last)
     assert maps.fixed_to_moving.device.type == "cuda" and maps.moving_to_fixed.shape == (1, 3, 48, 48, 48)
     state = model.state_dict()

@@ -121,8 +121,8 @@ def test_cancel_part_way_raises_and_reports_no_further_step(warped_pair):
     steps = []
     with pytest.raises(Cancelled):
         refine(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), settings=SETTINGS,
-               progress=lambda report: steps.append(report.step), should_cancel=lambda: len(steps) >= 5)
-    assert steps == [1, 2, 3, 4, 5]
+               progress=lambda report: steps.append(report.step), should_cancel=lambda: len(steps) >= 6)
+    assert steps == [0, 1, 2, 3, 4, 5]
 
 
 def test_register_refines_any_models_map_and_inverts_it(warped_pair):

@@ -65,7 +65,7 @@ def tune(
     loss_model = make_objective(objective, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     reporter = StageReporter(STAGE, steps, progress, should_cancel)
-    reporter.check_cancel()
+    reporter.report(0)  # the stage shows (and can be cancelled) before its first step, which may be long
     losses = []
     for step in range(steps):
         optimizer.zero_grad()

@@ -290,7 +290,7 @@ def refine(
     settings.check()
     started = time.perf_counter()
     reporter = StageReporter(STAGE, sum(settings.per_level()), progress, should_cancel)
-    reporter.check_cancel()
+    reporter.report(0)  # the stage shows (and can be cancelled) before its first step, which may be long
     region = foreground_region(fixed, region if region is not None else fixed, FOREGROUND_MARGIN_MM)
     levels = _levels(fixed, moving, initial, region, settings, device)
     velocity = torch.zeros((1, fixed.GetDimension(), *levels[0].velocity_grid.GetSize()[::-1]), device=device)
