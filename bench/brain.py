@@ -348,10 +348,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", default="", help=f"sweep: comma-separated, of {PEER_METHODS}: their rows are the committed ones")
     parser.add_argument("--unet-model", default="unet-brain-3d", help="the displacement-only network (sweep)")
     placement = parser.add_mutually_exclusive_group()
-    placement.add_argument("--split", dest="placement", action="store_const", const="split", default="fixed",
+    placement.add_argument("--split", dest="placement", action="store_const", const="split",
                            help="sweep: each image's content moved by half the offset, in opposite directions")
     placement.add_argument("--together", dest="placement", action="store_const", const="together",
                            help="sweep: both images' content moved by the shift, no offset between them")
+    parser.set_defaults(placement="fixed")  # neither flag: only the fixed content moves
     parser.add_argument("--background", default="dark", choices=BACKGROUNDS,
                         help="the test images' synthesised background (accuracy table)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
