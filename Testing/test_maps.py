@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from carlreg.maps import ComposedMap, DisplacementMap, identity_map, sample
+from carlreg.maps import ComposedMap, DisplacementMap, grid_sample, identity_map, sample
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (4, 6, 9)])
@@ -52,3 +53,35 @@ def test_composition_order_is_outer_of_inner():
 def test_sample_rejects_mismatched_coordinates():
     with pytest.raises(ValueError, match="sample\\(\\): coordinates must be"):
         sample(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 2, 4, 4))
+
+
+@pytest.fixture
+def three_threads():
+    """Three CPU threads: grid_sample folds the points into three batch entries, which do not
+    divide the test grids' point counts evenly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode, padding", [("bilinear", "border"), ("bilinear", "zeros"), ("nearest", "border")])
+@pytest.mark.parametrize("values_shape, grid_shape", [
+    ((1, 2, 9, 13), (1, 7, 11, 2)),
+    ((1, 3, 6, 8, 11), (1, 5, 7, 10, 3)),
+    ((1, 3, 6, 8, 11), (1, 1, 1, 16, 3)),  # a list of points (carlreg.inverse's)
+    ((2, 3, 6, 8, 11), (2, 5, 7, 10, 3)),  # a batch: torch's own threading
+])
+def test_grid_sample_folded_over_threads_gives_torchs_values_and_gradients(three_threads, mode, padding, values_shape,
+                                                                             grid_shape):
+    torch.manual_seed(0)
+    values = torch.rand(values_shape, dtype=torch.float64, requires_grad=True)
+    grid = (torch.rand(grid_shape, dtype=torch.float64) * 2.4 - 1.2).requires_grad_(True)  # some points outside
+    weights = torch.rand(values_shape[:2] + grid_shape[1:-1], dtype=torch.float64)
+    ours = grid_sample(values, grid, mode=mode, padding_mode=padding)
+    torchs = F.grid_sample(values, grid, mode=mode, padding_mode=padding, align_corners=True)
+    assert ours.shape == torchs.shape and torch.equal(ours, torchs)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), (values, grid))
+    torchs_grads = torch.autograd.grad((torchs * weights).sum(), (values, grid))
+    for a, b in zip(ours_grads, torchs_grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

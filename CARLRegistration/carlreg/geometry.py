@@ -31,7 +31,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .maps import identity_map, sample
+from .maps import grid_sample, identity_map, sample
 
 __all__ = [
     "CANONICAL_ORIENTATION",
@@ -111,7 +111,7 @@ def to_network(image: torch.Tensor, shape: Sequence[int], ratios: Optional[Seque
         index = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * r + (n_image - 1) / 2
         axes.append(index / max(n_image - 1, 1) * 2 - 1)
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)  # grid_sample wants x, y, z last
-    return F.grid_sample(image, grid[None].to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return grid_sample(image, grid[None].to(image.dtype), padding_mode="zeros")
 
 
 def index_to_unit(index: np.ndarray, image_size: int, network_size: int, ratio: Optional[float] = None) -> np.ndarray:

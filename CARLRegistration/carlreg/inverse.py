@@ -20,9 +20,9 @@ from typing import Dict, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from .geometry import _index_to_lps_matrix, foreground_mask
+from .maps import grid_sample
 from .progress import CancelCheck, Cancelled
 
 __all__ = ["invert_displacement_field", "round_trip_error"]
@@ -98,7 +98,7 @@ class _LinearField:
         """The field at ``(N, D)`` normalized points: ``(N, D)`` displacements, LPS mm; beyond
         the grid, the value at the nearest border point."""
         grid = normalized.view((1,) + (1,) * (self.dimension - 1) + (-1, self.dimension))
-        values = F.grid_sample(self.values, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        values = grid_sample(self.values, grid)
         return values.view(self.dimension, -1).t().contiguous()  # (N, D): norms over rows are fast
 
     def inside(self, normalized: torch.Tensor, margin_mm: float = 0.0) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "identity_map",
+    "grid_sample",
     "sample",
     "Map",
     "DisplacementMap",
@@ -52,6 +53,40 @@ def identity_map(
     return torch.stack(grids).unsqueeze(0).to(dtype)
 
 
+#: at most this many copies of the input's gradient in :func:`grid_sample`'s backward on the CPU
+MAX_CPU_FOLD = 8
+
+
+def grid_sample(values: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """``F.grid_sample`` with ``align_corners=True``, on every CPU thread for a single image.
+
+    On the CPU torch spreads a 3-D sampling (2-D: its backward) over the batch only, so a
+    batch of one runs on one thread: the grid's points are folded into one batch entry per
+    thread over the same (expanded, not copied) input; its backward then holds that many
+    copies of the input's gradient (at most :data:`MAX_CPU_FOLD`). Same values as without.
+
+    Args:
+        values: ``(B, C, *S)``.
+        grid: ``(B, *T, D)``: grid_sample's frame, ``[-1, 1]`` along x, y(, z): the reverse of
+            tensor-axis order.
+    Returns:
+        ``(B, C, *T)``.
+    """
+    fold = min(torch.get_num_threads(), MAX_CPU_FOLD)
+    if values.device.type != "cpu" or values.shape[0] != 1 or grid.shape[0] != 1 or fold < 2:
+        return F.grid_sample(values, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    targets, dimension = grid.shape[1:-1], grid.shape[-1]
+    points = grid.reshape(-1, dimension)
+    count = points.shape[0]
+    per_entry = -(-count // fold)
+    if per_entry * fold != count:
+        points = F.pad(points, (0, 0, 0, per_entry * fold - count))
+    folded_grid = points.reshape(fold, *[1] * (len(targets) - 1), per_entry, dimension)
+    folded = F.grid_sample(values.expand(fold, *values.shape[1:]), folded_grid, mode=mode,
+                           padding_mode=padding_mode, align_corners=True)
+    return folded.movedim(0, 1).reshape(values.shape[1], -1)[:, :count].reshape(1, values.shape[1], *targets)
+
+
 def sample(values: torch.Tensor, coords_unit: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Values of an image or field at coordinates.
 
@@ -77,9 +112,7 @@ def sample(values: torch.Tensor, coords_unit: torch.Tensor, mode: str = "bilinea
     # Coordinates need float32 at least: in bfloat16 a coordinate near 1 is off by up to 1/256.
     dtype = torch.promote_types(torch.promote_types(values.dtype, grid.dtype), torch.float32)
     with torch.autocast(values.device.type, enabled=False):
-        return F.grid_sample(
-            values.to(dtype), grid.to(dtype), mode=mode, padding_mode="border", align_corners=True
-        )
+        return grid_sample(values.to(dtype), grid.to(dtype), mode=mode)
 
 
 class Map:

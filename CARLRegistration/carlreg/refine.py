@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .geometry import foreground_mask
 from .losses import gaussian_blur, lncc
+from .maps import grid_sample
 from .progress import CancelCheck, ProgressCallback, StageReporter
 from .svf import GridSampler, smoothness
 
@@ -329,7 +330,7 @@ def _sample_field(field: sitk.Image, grid: sitk.Image, displacement: Optional[np
     if displacement is not None:
         unit += torch.from_numpy(displacement).float() @ torch.from_numpy(lps_to_unit.T).float()
     values = torch.from_numpy(sitk.GetArrayFromImage(field)).float().movedim(-1, 0)[None]
-    sampled = F.grid_sample(values, unit[None], mode="bilinear", padding_mode="border", align_corners=True)
+    sampled = grid_sample(values, unit[None])
     return sampled[0].movedim(0, -1).numpy()
 
 

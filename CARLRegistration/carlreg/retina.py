@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import LabelPair
+from .maps import grid_sample
 
 __all__ = ["RETINA_SPLITS", "RETINA_VARIANTS", "POOLED_SHAPE", "load_drive_segmentation", "DriveSource"]
 
@@ -89,7 +90,7 @@ def _sample_pixels(image: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     bilinear, zero outside the image."""
     h, w = image.shape[-2:]
     grid = torch.stack([positions[1] / (w - 1), positions[0] / (h - 1)], dim=-1) * 2 - 1
-    return F.grid_sample(image[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    return grid_sample(image[None], grid[None], padding_mode="zeros")[0]
 
 
 def _pool(full: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .maps import grid_sample
 
 __all__ = ["GridSampler", "smoothness"]
 
@@ -35,7 +36,7 @@ class GridSampler:
     def sample(self, image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
         """``image`` ``(1, C, *S)`` at ``x + displacement(x)`` (linear; beyond the grid, its border)."""
         offset = displacement.movedim(1, -1).flip(-1) * self.mm_to_unit
-        return F.grid_sample(image, self.identity + offset, mode="bilinear", padding_mode="border", align_corners=True)
+        return grid_sample(image, self.identity + offset)
 
     def exponential(self, velocity: torch.Tensor, squarings: int = 6) -> torch.Tensor:
         """``exp(velocity)``: the displacement after unit time, by ``squarings`` squarings."""
