@@ -25,12 +25,18 @@ SEED = 2026
 Warp = Callable[[Path, bool], sitk.Image]
 
 
-def versions() -> str:
-    """The versions of the packages the benchmarks' figures depend on, for their result headers."""
+#: the package of each peer method, named in a result header only where that method ran
+PEER_PACKAGES = {"ants": "antspyx", "elastix": "itk-elastix"}
+
+
+def versions(methods=()) -> str:
+    """The versions of the packages the figures of ``methods`` (the methods run) depend on, for
+    the result headers: torch and SimpleITK, and each peer's package where it ran."""
     from importlib import metadata
 
     found = []
-    for package in ("torch", "SimpleITK", "antspyx", "itk-elastix"):
+    peers = [package for method, package in PEER_PACKAGES.items() if method in methods]
+    for package in ("torch", "SimpleITK", *peers):
         try:
             found.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:

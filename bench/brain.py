@@ -288,9 +288,10 @@ def sweep(model: str, unet_model: str, methods, output: str, keep=(), placement:
                     print(json.dumps(rows[-1]), file=sys.stderr)
     kept = f"; rows of {', '.join(keep)} from the run of {kept_date}" if keep else ""
     kept += PLACEMENT_NOTES[placement]
+    header = (f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+              f"{versions(methods)}; ")
     methods = [method for method in METHODS if method in methods or method in keep]
-    lines = [f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{versions()}; ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures{kept}",
+    lines = [header + f"ours {model}, displacement-only {unet_model}; pair 19 → 20, mean Dice of brain structures{kept}",
              f"{'axis':<9} {'method':<18} " + " ".join(f"{s:>5}mm" for s in SWEEP_SHIFTS_MM)]
     for key, title in (("dice", None), ("folding_percent", "folding % (Jacobian determinant ≤ 0)")):
         if title:
@@ -392,7 +393,7 @@ def accuracy_table(args: argparse.Namespace, methods: list, output: str) -> None
                 figures = run_in_fresh_process(method, moving, fixed, names.get(method, args.model), args.io_steps)
                 rows.append({"method": method, "moving": moving["subject"], "fixed": fixed["subject"], **figures})
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    header = (f"# bench/brain.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, {versions()}; "
+    header = (f"# bench/brain.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, {versions(methods)}; "
               f"model {args.model}, displacement-only {args.unet_model}, IO {args.io_steps} steps; "
               f"subjects {SPLITS['test']} both directions, 2 mm, 128³, {args.background} background")
     lines = [header, f"{'method':<17} {'Dice':>6} {'sd':>6} {'folding %':>9} {'seconds':>8} {'peak GiB':>8}"]

@@ -111,7 +111,7 @@ def main(argv=None) -> None:
                for m in METHODS}
     for m in METHODS:
         summary[m]["worst_warp_mean_mm"] = max(r["mean_mm"] for r in rows if r["method"] == m)
-    lines = [f"# bench/known_warp.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, {versions()}; "
+    lines = [f"# bench/known_warp.py, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, {versions(METHODS)}; "
              f"model {args.model}; {args.warps} known warps of {CT.name} (translation ≤ {TRANSLATION_MM:g} mm per axis, "
              f"B-spline sd {DEFORMATION_MM:g} mm), {POINTS} body points each",
              f"{'method':<8} {'mean error mm':>13} {'p95 error mm':>12} {'worst warp mean mm':>18}"]

@@ -183,7 +183,7 @@ def main(argv=None) -> None:
                 rows.append({"method": method, "offset_mm": offset, **figures})
                 print(json.dumps(rows[-1]), file=sys.stderr)
     header = (f"# bench/landmarks.py, {datetime.date.today()}, {_cpu()}, {os.cpu_count()} CPUs, "
-              f"{torch.get_num_threads()} threads, {versions()}; model {args.model}, IO {args.io_steps} steps; "
+              f"{torch.get_num_threads()} threads, {versions(methods)}; model {args.model}, IO {args.io_steps} steps; "
               f"ICBM 2009a → MNI152NLin6Asym, 32 AFIDs")
     text = table(rows, header)
     print(text)
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     (RESULTS / f"{args.output}.txt").write_text(text + "\n")
     (RESULTS / f"{args.output}.json").write_text(json.dumps({
         "date": str(datetime.date.today()), "cpu": _cpu(), "model": args.model, "io_steps": args.io_steps,
-        "versions": versions(), "rows": rows,
+        "versions": versions(methods), "rows": rows,
     }, indent=2) + "\n")
 
 
