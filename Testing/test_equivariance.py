@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from carlreg.maps import DisplacementMap, identity_map
@@ -79,13 +80,19 @@ def test_attention_affine_equivariance_of_values():
     assert (transformed_after - transformed_before).abs().max() < 1e-5
 
 
-def test_attention_matches_dense_softmax_with_gradients():
+@pytest.mark.parametrize("batch, threads", [(2, 2), (1, 3)])  # 1 on 3 threads: 3001 queries folded unevenly
+def test_attention_matches_dense_softmax_with_gradients(batch, threads):
     generator = torch.Generator().manual_seed(3)
-    queries = _random_unit_features((2, 3000, 16), generator).double().requires_grad_()
-    keys = _random_unit_features((2, 4100, 16), generator).double().requires_grad_()
-    values = torch.rand((2, 4100, 3), generator=generator).double()
+    queries = _random_unit_features((batch, 3001, 16), generator).double().requires_grad_()
+    keys = _random_unit_features((batch, 4100, 16), generator).double().requires_grad_()
+    values = torch.rand((batch, 4100, 3), generator=generator).double()
     dense = torch.softmax(queries @ keys.transpose(1, 2), dim=-1) @ values
-    blocked = coordinate_attention(queries, keys, values).transpose(1, 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        blocked = coordinate_attention(queries, keys, values).transpose(1, 2)
+    finally:
+        torch.set_num_threads(before)
     assert (dense - blocked).abs().max() < 1e-12
     weights = torch.rand(dense.shape, generator=generator).double()
     grads_dense = torch.autograd.grad((dense * weights).sum(), (queries, keys))

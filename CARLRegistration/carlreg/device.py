@@ -18,6 +18,20 @@ __all__ = ["PRECISIONS", "resolve_device", "describe_device", "bf16_supported", 
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+#: at most this many batch entries in :func:`cpu_fold` (their backward holds as many gradient copies)
+MAX_CPU_FOLD = 8
+
+
+def cpu_fold(tensor: torch.Tensor, batch: int) -> int:
+    """Into how many batch entries to fold the work of ``batch`` items on ``tensor``'s device so
+    that every CPU thread gets some: torch spreads the CPU kernels of 3-D sampling, of 2-D
+    sampling's backward and of fused attention's backward over the batch (and heads) only, so a
+    single image runs on one thread. 1 (no fold) on other devices or for a batch of several."""
+    if tensor.device.type != "cpu" or batch != 1:
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_CPU_FOLD))
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())

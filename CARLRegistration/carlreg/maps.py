@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .device import cpu_fold
+
 __all__ = [
     "identity_map",
     "grid_sample",
@@ -53,17 +55,10 @@ def identity_map(
     return torch.stack(grids).unsqueeze(0).to(dtype)
 
 
-#: at most this many copies of the input's gradient in :func:`grid_sample`'s backward on the CPU
-MAX_CPU_FOLD = 8
-
-
 def grid_sample(values: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
-    """``F.grid_sample`` with ``align_corners=True``, on every CPU thread for a single image.
-
-    On the CPU torch spreads a 3-D sampling (2-D: its backward) over the batch only, so a
-    batch of one runs on one thread: the grid's points are folded into one batch entry per
-    thread over the same (expanded, not copied) input; its backward then holds that many
-    copies of the input's gradient (at most :data:`MAX_CPU_FOLD`). Same values as without.
+    """``F.grid_sample`` with ``align_corners=True``, on every CPU thread for a single image:
+    the grid's points folded into :func:`carlreg.device.cpu_fold` batch entries over the same
+    (expanded, not copied) input. Same values as without.
 
     Args:
         values: ``(B, C, *S)``.
@@ -72,8 +67,8 @@ def grid_sample(values: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear"
     Returns:
         ``(B, C, *T)``.
     """
-    fold = min(torch.get_num_threads(), MAX_CPU_FOLD)
-    if values.device.type != "cpu" or values.shape[0] != 1 or grid.shape[0] != 1 or fold < 2:
+    fold = cpu_fold(values, max(values.shape[0], grid.shape[0]))
+    if fold == 1:
         return F.grid_sample(values, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     targets, dimension = grid.shape[1:-1], grid.shape[-1]
     points = grid.reshape(-1, dimension)

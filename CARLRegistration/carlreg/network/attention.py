@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import cpu_fold
 from ..maps import identity_map
 
 __all__ = ["FeatureNet", "AttentionRegistration", "coordinate_attention"]
@@ -82,6 +83,20 @@ def _attend_in_place(queries_t: torch.Tensor, keys: torch.Tensor, values1_t: tor
     return total
 
 
+def _fused_kernel(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with scale 1 of ``(B, 1, N, C)`` (one head), on every CPU
+    thread for a single pair: the queries folded into :func:`carlreg.device.cpu_fold` batch entries
+    over the same (expanded, not copied) keys and values. Same values as without."""
+    fold = cpu_fold(queries, queries.shape[0])
+    if fold == 1:
+        return F.scaled_dot_product_attention(queries, keys, values, scale=1)
+    count = queries.shape[2]
+    per_entry = -(-count // fold)
+    folded = F.pad(queries, [0, 0, 0, per_entry * fold - count]).reshape(fold, 1, per_entry, queries.shape[3])
+    out = F.scaled_dot_product_attention(folded, keys.expand(fold, -1, -1, -1), values.expand(fold, -1, -1, -1), scale=1)
+    return out.reshape(1, 1, per_entry * fold, out.shape[3])[:, :, :count]
+
+
 def _fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """PyTorch's fused attention (flash on CPUs, memory-efficient on GPUs), with its backward pass.
 
@@ -94,7 +109,7 @@ def _fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Te
         return F.pad(t, [0, width - t.shape[-1]]) if t.shape[-1] < width else t.contiguous()
 
     values_padded = pad(values.to(queries.dtype))
-    out = F.scaled_dot_product_attention(pad(queries)[:, None], pad(keys)[:, None], values_padded[:, None], scale=1)
+    out = _fused_kernel(pad(queries)[:, None], pad(keys)[:, None], values_padded[:, None])
     return out[:, 0, :, : values.shape[-1]].transpose(1, 2).to(torch.promote_types(values.dtype, torch.float32))
 
 
