@@ -13,7 +13,8 @@ from typing import ContextManager, Union
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "describe_device", "bf16_supported", "resolve_precision", "precision_context"]
+__all__ = ["PRECISIONS", "resolve_device", "describe_device", "bf16_supported", "resolve_precision", "precision_context",
+           "cpu_fold"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -29,7 +30,7 @@ def cpu_fold(tensor: torch.Tensor, batch: int) -> int:
     single image runs on one thread. 1 (no fold) on other devices or for a batch of several."""
     if tensor.device.type != "cpu" or batch != 1:
         return 1
-    return max(1, min(torch.get_num_threads(), MAX_CPU_FOLD))
+    return min(torch.get_num_threads(), MAX_CPU_FOLD)
 
 
 def _mps_available() -> bool:
