@@ -76,7 +76,9 @@ def test_resumed_run_continues_exactly(tmp_path):
     # a line logged after the checkpoint by a run killed before its next checkpoint is dropped on resume
     with open(interrupted / "log.jsonl", "a") as log:
         log.write(json.dumps({"step": 2, "loss": -1.0}) + "\n")
-    train(_config(folder, interrupted))
+    resumed = []
+    train(_config(folder, interrupted), progress=resumed.append)
+    assert [(r.step, r.total) for r in resumed] == [(1, 1)] and resumed[0].message.startswith("step 2/2, ")
     # exact resume: the same data, weights and optimizer state, so the same steps; compared to a
     # tolerance far below one step's change (the threaded convolutions may round differently from
     # one run to the next), not bit for bit. The resumed step's loss shows the weights and data;

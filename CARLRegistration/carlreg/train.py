@@ -361,7 +361,8 @@ def train(
                     record.update(validate(trainee.kept, validation, config.validation_pairs, device, below))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            reporter.report(done - start, f"{phase} loss {float(terms.total.detach()):.4f}")
+            # the bar counts this run's steps (its ETA); the message names the run's own step
+            reporter.report(done - start, f"step {done}/{config.steps}, {phase} loss {float(terms.total.detach()):.4f}")
             if stopping:
                 break
     finally:
