@@ -14,7 +14,7 @@ from typing import ContextManager, Union
 import torch
 
 __all__ = ["PRECISIONS", "resolve_device", "describe_device", "bf16_supported", "resolve_precision", "precision_context",
-           "cpu_fold"]
+           "cpu_fold", "fold_rows", "unfold_rows"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -31,6 +31,20 @@ def cpu_fold(tensor: torch.Tensor, batch: int) -> int:
     if tensor.device.type != "cpu" or batch != 1:
         return 1
     return min(torch.get_num_threads(), MAX_CPU_FOLD)
+
+
+def fold_rows(rows: torch.Tensor, fold: int) -> torch.Tensor:
+    """``(N, *R)`` rows → ``(fold, ⌈N / fold⌉, *R)`` batch entries, zero rows appended to fill the last."""
+    count = rows.shape[0]
+    per_entry = -(-count // fold)
+    if per_entry * fold != count:
+        rows = torch.cat([rows, rows.new_zeros((per_entry * fold - count, *rows.shape[1:]))])
+    return rows.reshape(fold, per_entry, *rows.shape[1:])
+
+
+def unfold_rows(folded: torch.Tensor, count: int) -> torch.Tensor:
+    """The inverse of :func:`fold_rows`: ``(fold, per_entry, *R)`` → the first ``count`` rows, ``(count, *R)``."""
+    return folded.reshape(-1, *folded.shape[2:])[:count]
 
 
 def _mps_available() -> bool:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .device import cpu_fold
+from .device import cpu_fold, fold_rows, unfold_rows
 
 __all__ = [
     "identity_map",
@@ -70,16 +70,14 @@ def grid_sample(values: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear"
     fold = cpu_fold(values, max(values.shape[0], grid.shape[0]))
     if fold == 1:
         return F.grid_sample(values, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    targets, dimension = grid.shape[1:-1], grid.shape[-1]
-    points = grid.reshape(-1, dimension)
-    count = points.shape[0]
-    per_entry = -(-count // fold)
-    if per_entry * fold != count:
-        points = F.pad(points, (0, 0, 0, per_entry * fold - count))
-    folded_grid = points.reshape(fold, *[1] * (len(targets) - 1), per_entry, dimension)
+    targets, channels = grid.shape[1:-1], values.shape[1]
+    points = grid.reshape(-1, grid.shape[-1])
+    folded_points = fold_rows(points, fold)
+    folded_grid = folded_points.reshape(fold, *[1] * (len(targets) - 1), *folded_points.shape[1:])
     folded = F.grid_sample(values.expand(fold, *values.shape[1:]), folded_grid, mode=mode,
                            padding_mode=padding_mode, align_corners=True)
-    return folded.movedim(0, 1).reshape(values.shape[1], -1)[:, :count].reshape(1, values.shape[1], *targets)
+    rows = unfold_rows(folded.reshape(fold, channels, -1).transpose(1, 2), points.shape[0])
+    return rows.transpose(0, 1).reshape(1, channels, *targets)
 
 
 def sample(values: torch.Tensor, coords_unit: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:

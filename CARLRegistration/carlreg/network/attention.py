@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import cpu_fold
+from ..device import cpu_fold, fold_rows, unfold_rows
 from ..maps import identity_map
 
 __all__ = ["FeatureNet", "AttentionRegistration", "coordinate_attention"]
@@ -90,11 +90,9 @@ def _fused_kernel(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     fold = cpu_fold(queries, queries.shape[0])
     if fold == 1:
         return F.scaled_dot_product_attention(queries, keys, values, scale=1)
-    count = queries.shape[2]
-    per_entry = -(-count // fold)
-    folded = F.pad(queries, [0, 0, 0, per_entry * fold - count]).reshape(fold, 1, per_entry, queries.shape[3])
+    folded = fold_rows(queries[0, 0], fold)[:, None]
     out = F.scaled_dot_product_attention(folded, keys.expand(fold, -1, -1, -1), values.expand(fold, -1, -1, -1), scale=1)
-    return out.reshape(1, 1, per_entry * fold, out.shape[3])[:, :, :count]
+    return unfold_rows(out[:, 0], queries.shape[2])[None, None]
 
 
 def _fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
