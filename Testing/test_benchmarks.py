@@ -45,6 +45,22 @@ def test_brain_sweep_pairs_are_centroid_aligned_then_shifted(tmp_path):
         if not any(shift):  # aligned by moving the grid, not by resampling: the voxels are the scan's own
             original = brain.label_map_image(brain.LABEL_MAPS / "training_seg_20.nii.gz", brain.SHAPE, brain.SPACING_MM)
             assert (sitk.GetArrayFromImage(fixed_labels) == sitk.GetArrayFromImage(original)).all()
+            aligned = sitk.GetArrayFromImage(fixed_labels)
+            aligned_centre = fixed_labels.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed_labels.GetSize()])
+    # uncut: the fixed grid grown by the shift on both sides keeps every brain voxel of the aligned
+    # fixed image, 60 mm away, and its centre (the cut sweep above loses part of the head)
+    for shift in ([0.0, 0.0, 60.0], [0.0, 60.0, 0.0], [-60.0, 0.0, 0.0]):
+        folder = tmp_path / f"uncut{shift}"
+        folder.mkdir()
+        moving, fixed = brain.make_pairs(folder, shift, uncut=True)[0]
+        moving_labels, fixed_labels = sitk.ReadImage(str(moving["labels"])), sitk.ReadImage(str(fixed["labels"]))
+        grown = sitk.GetArrayFromImage(fixed_labels)
+        assert grown.size == aligned.size * 188 // 128, (shift, fixed_labels.GetSize())
+        centre = fixed_labels.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed_labels.GetSize()])
+        assert np.allclose(centre, aligned_centre, atol=1e-6), (centre, aligned_centre)
+        assert ((grown > 0) & (grown < brain.BRAIN_LABEL_LIMIT)).sum() == ((aligned > 0) & (aligned < brain.BRAIN_LABEL_LIMIT)).sum()
+        offset = brain._brain_centroid(fixed_labels) - brain._brain_centroid(moving_labels)
+        assert np.allclose(offset, shift, atol=1.0), (shift, offset)
     with pytest.raises(ValueError, match="placement must be one of"):
         brain.placement_shifts([0.0, 0.0, 0.0], "both")
 

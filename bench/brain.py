@@ -32,11 +32,15 @@ directions (neither nears its grid's edge): what the offset costs, apart from wh
 ``--together``: both images' content moved by the shift, no offset between them: what where the
 content sits costs, apart from the offset (a translation-equivariant network on an unbounded
 grid would not move; the rows at small shifts are also the sweep's noise floor).
+``--uncut`` (with any placement): each shifted image's grid grown by the shift on both sides, so
+that nothing leaves its field of view and the content still lies the shift away from its grid's
+centre: the offset and the content's place, apart from what a cut loses (ours_cover grows the
+network's box with the grid; ours keeps the trained box, which may cut the content).
 
 Usage: python bench/brain.py [--model NAME_OR_FILE] [--unet-model ...] [--io-steps 50] [--methods none,ours,ours_cover,ours_svf,ours_svf_4mm,ours_io,displacement_only,ants,elastix] [--background dark|random]
-       python bench/brain.py --sweep [--split | --together] [--model ...] [--unet-model ...] [--methods ...] [--keep none,ants,elastix] [--output brain_sweep]
+       python bench/brain.py --sweep [--split | --together] [--uncut] [--model ...] [--unet-model ...] [--methods ...] [--keep none,ants,elastix] [--output brain_sweep]
 Writes bench/results/brain.{txt,csv,json,png}, or brain_sweep.{txt,csv,png} (brain_sweep_split with --split,
-brain_sweep_together with --together).
+brain_sweep_together with --together; _uncut appended with --uncut).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -96,12 +101,14 @@ SEED = 2026
 DEEP_GREY = (10, 11, 12, 13, 17, 18, 26, 28, 49, 50, 51, 52, 53, 54, 58, 60)
 
 
-def make_pairs(folder: Path, shift_mm=None, background: str = "dark", moving_shift_mm=None, subjects=SPLITS["test"]) -> list:
+def make_pairs(folder: Path, shift_mm=None, background: str = "dark", moving_shift_mm=None, subjects=SPLITS["test"],
+               uncut: bool = False) -> list:
     """Write the test images and label maps to ``folder``: ``[(moving, fixed), ...]`` of
     ``{"image": path, "labels": path, "subject": n}``. With ``shift_mm`` (x, y, z, LPS; the
     translation sweep) the fixed image's content is first moved so that the two brains'
     centroids coincide (its origin moved: no resampling), then its content by ``shift_mm`` within its grid;
-    with ``moving_shift_mm`` the moving image's content too, within its own grid.
+    with ``moving_shift_mm`` the moving image's content too, within its own grid. ``uncut``: each
+    shifted image's grid is grown by the shift on both sides (:func:`_shifted`).
     ``background``: the synthesised background (``carlreg.data.BACKGROUNDS``); ``subjects``: the
     two label maps (default: the test pair; bench/checkpoints.py takes validation subjects)."""
     label_maps = {s: label_map_image(LABEL_MAPS / f"training_seg_{s:02d}.nii.gz", SHAPE, SPACING_MM) for s in subjects}
@@ -123,9 +130,9 @@ def make_pairs(folder: Path, shift_mm=None, background: str = "dark", moving_shi
             if role == "fixed" and shift_mm is not None:
                 offset = _brain_centroid(files[moving]["sitk"][1]) - _brain_centroid(labels)
                 image, labels = _moved_grid(image, offset), _moved_grid(labels, offset)
-                image, labels = _shifted(image, shift_mm), _shifted(labels, shift_mm)
+                image, labels = _shifted(image, shift_mm, uncut), _shifted(labels, shift_mm, uncut)
             if role == "moving" and moving_shift_mm is not None:
-                image, labels = _shifted(image, moving_shift_mm), _shifted(labels, moving_shift_mm)
+                image, labels = _shifted(image, moving_shift_mm, uncut), _shifted(labels, moving_shift_mm, uncut)
             paths = {"image": folder / f"{role}{moving}-{fixed}_image.nii.gz",
                      "labels": folder / f"{role}{moving}-{fixed}_labels.nii.gz", "subject": subject}
             sitk.WriteImage(image, str(paths["image"]))
@@ -149,10 +156,17 @@ def _moved_grid(image: sitk.Image, offset_mm) -> sitk.Image:
     return moved
 
 
-def _shifted(image: sitk.Image, shift_mm) -> sitk.Image:
-    """The content moved by ``shift_mm`` (LPS) within the same grid (what leaves is lost)."""
+def _shifted(image: sitk.Image, shift_mm, uncut: bool = False) -> sitk.Image:
+    """The content moved by ``shift_mm`` (LPS) within the same grid (what leaves is lost), or with
+    ``uncut`` on that grid grown by the shift (whole voxels) on both sides: nothing is lost, and the
+    grid's centre stays where it was."""
+    grid = image
+    if uncut:
+        along_index = np.asarray(image.GetDirection()).reshape(3, 3).T @ np.asarray(shift_mm, float) / image.GetSpacing()
+        grow = [int(math.ceil(abs(v) - 1e-6)) for v in along_index]
+        grid = sitk.ConstantPad(image, grow, grow, 0)
     interpolator = sitk.sitkNearestNeighbor if image.GetPixelID() == sitk.sitkInt32 else sitk.sitkLinear
-    return sitk.Resample(image, image, sitk.TranslationTransform(3, [-float(s) for s in shift_mm]), interpolator, 0)
+    return sitk.Resample(image, grid, sitk.TranslationTransform(3, [-float(s) for s in shift_mm]), interpolator, 0)
 
 
 def _dice(warped_labels: sitk.Image, fixed_labels: sitk.Image) -> dict:
@@ -246,6 +260,7 @@ def kept_rows(output: str, methods) -> tuple:
 PLACEMENT_NOTES = {"fixed": "", "split": "; split: the fixed content moved by +half the shift, the moving by −half",
                    "together": "; together: both contents moved by the shift, no offset between them"}
 PLACEMENTS = tuple(PLACEMENT_NOTES)
+UNCUT_NOTE = "; uncut: each shifted grid grown by the shift on both sides, no content lost"
 
 
 def placement_shifts(shift_lps, placement: str) -> tuple:
@@ -270,24 +285,25 @@ def sweep_shift(axis: int, shift_mm: float) -> list:
     return shift
 
 
-def sweep(model: str, unet_model: str, methods, output: str, keep=(), placement: str = "fixed") -> None:
+def sweep(model: str, unet_model: str, methods, output: str, keep=(), placement: str = "fixed", uncut: bool = False) -> None:
     """Dice against the fixed image's shift along each axis (the paper's Fig. 4), pair 19 → 20;
     the rows of the ``keep`` methods are the committed ones (:func:`kept_rows`). ``placement``
     (:func:`placement_shifts`): ``split`` gives the same offsets with neither content near its
-    grid's edge as the fixed one nears it; ``together`` moves both contents, no offset."""
+    grid's edge as the fixed one nears it; ``together`` moves both contents, no offset. ``uncut``:
+    the shifted grids grown so that no content is lost (:func:`_shifted`)."""
     rows, kept_date = kept_rows(output, keep) if keep else ([], "")
     for axis_name, axis in AXES.items():
         for shift in SWEEP_SHIFTS_MM:
             fixed_shift, moving_shift = placement_shifts(sweep_shift(axis, shift), placement)
             with tempfile.TemporaryDirectory(prefix="bench-brain-sweep-") as folder:
-                moving, fixed = make_pairs(Path(folder), fixed_shift, moving_shift_mm=moving_shift)[0]
+                moving, fixed = make_pairs(Path(folder), fixed_shift, moving_shift_mm=moving_shift, uncut=uncut)[0]
                 for method in methods:
                     chosen = unet_model if method == "displacement_only" else model
                     figures = run_in_fresh_process(method, moving, fixed, chosen, 0)
                     rows.append({"axis": axis_name, "shift_mm": shift, "method": method, **figures})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     kept = f"; rows of {', '.join(keep)} from the run of {kept_date}" if keep else ""
-    kept += PLACEMENT_NOTES[placement]
+    kept += PLACEMENT_NOTES[placement] + (UNCUT_NOTE if uncut else "")
     header = (f"# bench/brain.py --sweep, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
               f"{versions(methods)}; ")
     methods = [method for method in METHODS if method in methods or method in keep]
@@ -318,7 +334,7 @@ def sweep(model: str, unet_model: str, methods, output: str, keep=(), placement:
         for method in methods:
             values = [r["dice"] for r in rows if r["axis"] == axis_name and r["method"] == method]
             plot_axis.plot(SWEEP_SHIFTS_MM, values, "o-", label=method)
-        plot_axis.set_title(f"{placement} shifted along {axis_name}")
+        plot_axis.set_title(f"{placement}{' uncut' if uncut else ''} shifted along {axis_name}")
         plot_axis.set_xlabel("shift (mm)")
     axes[0].set_ylabel("mean Dice, brain structures")
     axes[0].legend(fontsize=8)
@@ -354,6 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     placement.add_argument("--together", dest="placement", action="store_const", const="together",
                            help="sweep: both images' content moved by the shift, no offset between them")
     parser.set_defaults(placement="fixed")  # neither flag: only the fixed content moves
+    parser.add_argument("--uncut", action="store_true",
+                        help="sweep: each shifted image's grid grown by the shift on both sides, so that no content leaves it")
     parser.add_argument("--background", default="dark", choices=BACKGROUNDS,
                         help="the test images' synthesised background (accuracy table)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -375,8 +393,8 @@ def main(argv=None) -> None:
     if args.sweep:
         keep = [m for m in args.keep.split(",") if m]
         methods = [m for m in (args.methods or ",".join(SWEEP_METHODS)).split(",") if m and m not in keep]
-        default_output = "brain_sweep" if args.placement == "fixed" else f"brain_sweep_{args.placement}"
-        sweep(args.model, args.unet_model, methods, args.output or default_output, keep, args.placement)
+        default_output = "brain_sweep" + ("" if args.placement == "fixed" else f"_{args.placement}") + ("_uncut" if args.uncut else "")
+        sweep(args.model, args.unet_model, methods, args.output or default_output, keep, args.placement, args.uncut)
         return
     accuracy_table(args, [m for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m], args.output or "brain")
 
