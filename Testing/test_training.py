@@ -104,7 +104,9 @@ def test_resumed_run_continues_exactly(tmp_path):
 
 def test_a_weight_average_stands_for_the_run_and_resumes_with_it(tmp_path):
     """``ema_decay``: the checkpoint keeps the weights' exponential moving average beside the
-    trained weights; it survives a resume, and model.pt, the returned network and load_model are it."""
+    trained weights, bias-corrected (step ``i`` of ``t`` weighted by ``decay ** (t - i)``, the
+    weights normalised: not seeded with the first step's); it survives a resume, and model.pt, the
+    returned network and load_model are it."""
     output = tmp_path / "averaged"
     config = _pairs_config(tmp_path, output, ema_decay=0.75)
     train(config, max_steps_this_run=1)
@@ -117,7 +119,7 @@ def test_a_weight_average_stands_for_the_run_and_resumes_with_it(tmp_path):
     assert second["step"] == 2 and second["averaged_steps"] == 2
     floats = [name for name, value in second["model"].items() if value.is_floating_point()]
     for name in floats:
-        expected = 0.75 * first["model"][name] + 0.25 * second["model"][name]
+        expected = (0.75 * first["model"][name] + second["model"][name]) / 1.75
         assert torch.allclose(second["average"][name], expected, rtol=0, atol=1e-6), name
     moved = [name for name in floats if not torch.equal(second["model"][name], first["model"][name])]
     assert moved and not torch.equal(second["average"][moved[0]], second["model"][moved[0]])

@@ -13,7 +13,8 @@ continues exactly as the uninterrupted run would have.
 With ``ema_decay`` the run also keeps an exponential moving average of its weights (BatchNorm
 statistics included, ``torch.optim.swa_utils``), which stands for the run: validated, written to
 ``model.pt`` and loaded from the checkpoint; the figure of one pair otherwise moves with the last
-steps' noise.
+steps' noise. The average is bias-corrected (:func:`_corrected_ema`): the mean of the steps'
+weights, step ``i`` of ``t`` weighted by ``decay ** (t - i)``.
 
 Files in ``output``: ``checkpoint.pt`` (model, optimizer, step, config, and the average; written
 under temporary names and renamed together with ``model.pt``), ``model.pt`` (the run's weights
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from .data import BRAIN_LABEL_LIMIT, LabelPair, PairsSource, SynthSegSource
 from .device import describe_device
@@ -220,6 +221,27 @@ def validate(
     return {"val_dice_before": sum(before) / pairs, "val_dice_after": sum(after) / pairs}
 
 
+def _corrected_ema(decay: float):
+    """The ``multi_avg_fn`` of an exponential moving average without the first step's bias: after
+    ``t`` steps each step ``i``'s weights count ``decay ** (t - i)``, normalised to sum 1.
+
+    An average seeded with the first step's weights (``swa_utils.get_ema_multi_avg_fn``) keeps
+    ``decay ** t`` of them: 42 % after 430 steps at 0.998, so a run fine-tuned away from its
+    starting weights is judged in large part on them. Integer buffers take the last step's value.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, averaged_steps: torch.Tensor) -> None:
+        weight = (1 - decay) / (1 - decay ** (int(averaged_steps) + 1))
+        for kept, new in zip(averaged, current):
+            if kept.is_floating_point():
+                kept.lerp_(new, weight)
+            else:
+                kept.copy_(new)
+
+    return update
+
+
 class _Trainee(NamedTuple):
     """What a run trains and keeps: the network, its optimizer, the weights' average (None
     without ``ema_decay``) and the step they are at."""
@@ -247,7 +269,7 @@ def _trainee(config: TrainConfig, device: torch.device, output: Path) -> _Traine
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     average = None
     if config.ema_decay:
-        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        average = AveragedModel(model, multi_avg_fn=_corrected_ema(config.ema_decay), use_buffers=True)
     if (output / CHECKPOINT).exists():
         state = load_checkpoint(output / CHECKPOINT)
         model.load_state_dict(state["model"])
