@@ -129,6 +129,26 @@ def test_a_weight_average_stands_for_the_run_and_resumes_with_it(tmp_path):
         assert all(torch.equal(value, second["average"][name]) for name, value in network.items())
 
 
+def test_the_average_takes_the_steps_after_ema_start_and_the_trained_weights_stand_before(tmp_path):
+    """``ema_start``: until then the trained weights stand for the run (model.pt; the checkpoint
+    holds no average), the first step after it starts the average afresh, across a resume; without
+    ``ema_decay`` it is refused."""
+    output = tmp_path / "late"
+    config = _pairs_config(tmp_path, output, ema_decay=0.75, ema_start=1)
+    train(config, max_steps_this_run=1)
+    first = load_checkpoint(output / "checkpoint.pt")
+    assert "average" not in first
+    saved = torch.load(output / "model.pt", weights_only=True)
+    assert all(torch.equal(value, first["model"][name]) for name, value in saved.items())
+    train(config)
+    second = load_checkpoint(output / "checkpoint.pt")
+    assert second["averaged_steps"] == 1
+    assert not all(torch.equal(value, first["model"][name]) for name, value in second["model"].items())
+    assert all(torch.equal(second["average"][name], value) for name, value in second["model"].items())
+    with pytest.raises(ValueError, match="ema_start .* needs ema_decay"):
+        train(_pairs_config(tmp_path, tmp_path / "refused", ema_start=1))
+
+
 def test_relative_shifts_train_the_largest_offsets_as_often_as_the_small_ones():
     """``shifts="relative"``: a pair's relative shift is uniform up to twice ``max_shift`` per axis
     and each image stays within ``max_shift`` (``each``, independent shifts, would draw the

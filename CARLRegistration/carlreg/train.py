@@ -14,7 +14,8 @@ With ``ema_decay`` the run also keeps an exponential moving average of its weigh
 statistics included, ``torch.optim.swa_utils``), which stands for the run: validated, written to
 ``model.pt`` and loaded from the checkpoint; the figure of one pair otherwise moves with the last
 steps' noise. The average is bias-corrected (:func:`_corrected_ema`): the mean of the steps'
-weights, step ``i`` of ``t`` weighted by ``decay ** (t - i)``.
+weights, step ``i`` of ``t`` weighted by ``decay ** (t - i)``, over the steps after ``ema_start``
+(before them the trained weights stand for the run).
 
 Files in ``output``: ``checkpoint.pt`` (model, optimizer, step, config, and the average; written
 under temporary names and renamed together with ``model.pt``), ``model.pt`` (the run's weights
@@ -95,6 +96,9 @@ class TrainConfig:
     #: (validated, written to ``model.pt``; 0.999 averages over about the last thousand steps);
     #: 0: none, the last step's weights
     ema_decay: float = 0.0
+    #: the average takes the steps after this one: a run fine-tuned from other weights leaves its
+    #: first steps' transient out of it
+    ema_start: int = 0
     variant: str = "final_final"
     fourth_step: bool = False
     first_step: str = "attention"
@@ -253,8 +257,12 @@ class _Trainee(NamedTuple):
 
     @property
     def kept(self) -> nn.Module:
-        """The network that stands for the run: the average when kept."""
-        return self.model if self.average is None else self.average.module
+        """The network that stands for the run: the average once it holds a step."""
+        return self.average.module if self.averaging else self.model
+
+    @property
+    def averaging(self) -> bool:
+        return self.average is not None and int(self.average.n_averaged) > 0
 
 
 def _trainee(config: TrainConfig, device: torch.device, output: Path) -> _Trainee:
@@ -345,6 +353,9 @@ def train(
     output = Path(config.output)
     torch.manual_seed(config.seed)
     _check_data_settings(config)
+    if config.ema_start and not config.ema_decay:
+        raise ValueError(f"train(): ema_start (the step after which the weights are averaged) needs ema_decay > 0, "
+                         f"got ema_start {config.ema_start} with ema_decay 0")
     trainee = _trainee(config, device, output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
@@ -368,7 +379,7 @@ def train(
             began = time.perf_counter()
             seed = _step_seed(config.seed, step, rank, world)
             phase, terms = _train_step(config, step, seed, source, loss_model, trainee.optimizer, device)
-            if trainee.average is not None:
+            if trainee.average is not None and step >= config.ema_start:
                 trainee.average.update_parameters(trainee.model)
             done = step + 1
             stopping = done == end or _time_is_up(deadline, world, device)
@@ -453,7 +464,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 def _save(trainee: _Trainee, step: int, config: TrainConfig, output: Path) -> None:
     state = {"model": trainee.model.state_dict(), "optimizer": trainee.optimizer.state_dict(), "step": step,
              "config": asdict(config)}
-    if trainee.average is not None:
+    if trainee.averaging:
         state.update(average=trainee.average.module.state_dict(), averaged_steps=int(trainee.average.n_averaged))
     with atomic_outputs() as reserve:
         torch.save(state, reserve(output / CHECKPOINT))
