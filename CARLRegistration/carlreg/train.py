@@ -262,6 +262,7 @@ class _Trainee(NamedTuple):
 
     @property
     def averaging(self) -> bool:
+        """Whether the average holds a step (none before ``ema_start``, none without ``ema_decay``)."""
         return self.average is not None and int(self.average.n_averaged) > 0
 
 
