@@ -37,3 +37,18 @@ def test_the_card_says_where_each_part_of_a_run_trained():
                + [{"seconds": 720.0}])
     assert _ship()._hardware(records) == ("3 steps, 0.00 h on GPU NVIDIA H200; 2 steps, 1.00 h on CPU AMD EPYC, 2 threads; "
                                           "1 step, 0.20 h on CPU (not logged)")
+
+
+def test_the_card_says_which_pairs_trained_it_and_which_weights_it_holds():
+    """The capture-range recipe's translations, cuts and masked similarity, and the average that
+    stands for a run with ``ema_decay``, read from the run's config; a run without it ships its
+    last step's weights, and a 2-D source's card says nothing of translations."""
+    ship = _ship()
+    config = {"data": "synthseg3d", "max_shift": 20, "spacing_mm": 3.0, "shifts": "each", "field_of_view_mm": 192.0,
+              "mask_similarity": True, "ema_decay": 0.998, "ema_start": 300}
+    assert ship._augmentation(config) == ("each image moved by up to ±60 mm per axis (shifts `each`), cut to a field of "
+                                          "view of 192 mm or more, centred in the box, the similarity taken where both "
+                                          "images are valid")
+    assert ship._weights_of(config, 957).startswith("the average of the trained weights of steps 301–957")
+    assert ship._weights_of({"data": "drive2d"}, 500) == "the weights of step 500"
+    assert ship._augmentation({"data": "drive2d"}) is None

@@ -22,6 +22,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CARLRegistration"))
@@ -71,7 +72,7 @@ MODELS = {
         "metrics_method": "ours",
         "io_method": "ours_io",
         #: the run its weights come from (default: weights/training/NAME)
-        "run": "weights/training/carl-brain-3d-capture",
+        "run": "weights/training/carl-brain-3d-masked60",
         "use": "research and evaluation: deformable brain MR registration without pre-alignment; not for clinical decisions",
     },
     "unet-brain-3d": {
@@ -81,7 +82,7 @@ MODELS = {
         "metrics_file": "bench/results/brain.json",
         "metrics_method": "displacement_only",
         "baseline_for": "carl-brain-3d",
-        "run": "weights/training/unet-brain-3d-capture",
+        "run": "weights/training/unet-brain-3d-masked60",
         "use": "research: the baseline CARL is compared with in bench/brain.py; not for clinical images",
     },
 }
@@ -153,6 +154,29 @@ def refreshed_card(name: str, metrics_path: Path) -> dict:
     return dict(card, preprocessing=_preprocessing(name, config), metrics=_metrics_of(name, card["sha256"], metrics_path))
 
 
+def _augmentation(config: dict) -> Optional[str]:
+    """The training pairs' translations and cuts (synthseg3d; None for the other sources)."""
+    if config["data"] != "synthseg3d":
+        return None
+    words = [f"each image moved by up to ±{config['max_shift'] * config['spacing_mm']:g} mm per axis "
+             f"(shifts `{config.get('shifts', 'each')}`)"]
+    if config.get("field_of_view_mm"):
+        words.append(f"cut to a field of view of {config['field_of_view_mm']:g} mm or more, centred in the box")
+    if config.get("mask_similarity"):
+        words.append("the similarity taken where both images are valid")
+    if config.get("label_weight"):
+        words.append(f"the label maps' Dice added with weight {config['label_weight']:g}")
+    return ", ".join(words)
+
+
+def _weights_of(config: dict, steps: int) -> str:
+    """Which weights the run's model.pt holds: the last step's, or their average (carlreg.train)."""
+    if not config.get("ema_decay"):
+        return f"the weights of step {steps}"
+    return (f"the average of the trained weights of steps {config.get('ema_start', 0) + 1}–{steps}, step i of t "
+            f"weighted by {config['ema_decay']:g}^(t − i), normalised")
+
+
 def card_for(name: str, run: Path, metrics_path: Path) -> dict:
     info = MODELS[name]
     config = json.loads((run / "config.json").read_text())
@@ -193,6 +217,8 @@ def card_for(name: str, run: Path, metrics_path: Path) -> dict:
             "initialised_from": _initialised_from(name, config),
             "wall_clock_hours": round(sum(r.get("seconds", 0.0) for r in records) / 3600, 2),
             "hardware": _hardware(records),
+            "augmentation": _augmentation(config),
+            "weights": _weights_of(config, records[-1]["step"]),
         },
         "metrics": card_metrics,
         "use": info["use"],
@@ -222,6 +248,8 @@ def markdown(card: dict) -> str:
            + (f" (step {training['initialised_from']['step']})" if training["initialised_from"]["step"] is not None else "")
            + (f", SHA256 `{training['initialised_from']['sha256'][:12]}…`" if training["initialised_from"].get("sha256") else "")
            if training.get("initialised_from") else ""),
+        *([f"- Training pairs: {training['augmentation']}"] if training.get("augmentation") else []),
+        *([f"- Weights: {training['weights']}"] if training.get("weights") else []),
         f"- Wall-clock training time: {training['wall_clock_hours']} h — {training['hardware']}",
         f"- Use: {card['use']}" + (f" (the baseline of `{card['baseline_for']}`)" if card.get("baseline_for") else ""),
         f"- Licence: {card['license']}",
