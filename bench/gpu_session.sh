@@ -13,7 +13,8 @@
 # `bash bench/gpu_session.sh fetch $OUT RUN`.
 #
 # Prepare here: make gpu-carry. The device call:
-# run(command="bash bench/gpu_session.sh $OUT 2.5 3.5", carry=[".gpu-carry"], timeout_s=595)
+# run(command="bash bench/gpu_session.sh $OUT 2.5 2.75", carry=[".gpu-carry"], timeout_s=595): 483 s on an H100
+# on 2026-12-05 (957 steps of each run); a training minute more costs up to two (both runs).
 # Arguments: OUT, the check's budget in minutes, CARL's minutes (the displacement-only run, faster
 # per step, gets as many at most). PY names the interpreter.
 set -u
