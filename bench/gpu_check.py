@@ -13,13 +13,14 @@ run(command="python3 bench/gpu_check.py --carry .gpu-carry --out $OUT", carry=["
      the same weights and inputs as bench/forward.py (whose helpers build them), in fp32 (TF32
      off), TF32 and bf16 (autocast); map differences in voxels against the reference in fp32;
    - uniCARL (ours, random weights) at 160³, same precisions, inputs as bench/unicarl.py;
-   - instance optimization (``carlreg.optimize.instance_optimize``) of CARL + Ψ3 at 128³ and
-     175³, fp32 and TF32: the seconds of ``--io-steps`` steps and the maps, after a 1-step warm-up;
-   - the other IO mode, the refinement by a velocity field (``carlreg.refine.refine``, default
-     settings) on the MONAI pair, fp32 and TF32 (size: the pair's largest axis).
+   - the refinement by a velocity field (``carlreg.refine.refine``, default settings: the Slicer
+     module's default IO mode) on the MONAI pair, fp32 and TF32 (size: the pair's largest axis);
+   - the other IO mode, instance optimization (``carlreg.optimize.instance_optimize``) of CARL +
+     Ψ3 at 128³ and 175³, fp32 and TF32: the seconds of ``--io-steps`` steps and the maps, after a
+     1-step warm-up. Last, as the costliest rows: on an H100 a 2.5-minute budget ended in them.
    A row that fails (out of memory, say) records its error and the run goes on; rows left when
    ``--budget-minutes`` (default 6.5, tests included) is spent are recorded as skipped, so that a
-   run ends within 8 minutes (estimated 3-5 on an H100: not yet measured there).
+   run ends within 8 minutes (every row within 3.5 on an H200).
 3. OUT/gpu.txt (the table) and OUT/gpu.json (rows, card, torch, CUDA, date), rewritten after each row.
 
 The reference runs its own attention call on the GPU: bench/forward.py's zero-padded values (for
@@ -420,16 +421,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run_all(measurements: Measurements, args: argparse.Namespace, data: Optional[Path]) -> None:
-    """Forward at each size, uniCARL, then instance optimization at each size, then the refinement."""
+    """Forward at each size, uniCARL, the refinement, then instance optimization at each size."""
     ours = {}
     for size in args.sizes:
         ours[size] = measurements.guarded(FORWARD, size, measure_forward, measurements, size, data)
     measurements.guarded(UNICARL, args.unicarl_size, measure_unicarl, measurements, args.unicarl_size, data)
+    measurements.guarded(REFINEMENT, 0, measure_refinement, measurements, data)
     for size in args.sizes:
         if ours.get(size) is not None:
             measurements.guarded(INSTANCE_OPTIMIZATION, size, measure_instance_optimization, measurements,
                                  ours.pop(size), size, data, args.io_steps)
-    measurements.guarded(REFINEMENT, 0, measure_refinement, measurements, data)
 
 
 if __name__ == "__main__":
