@@ -293,8 +293,9 @@ def _trainee(config: TrainConfig, device: torch.device, output: Path) -> _Traine
     return _Trainee(model, optimizer, average, 0)
 
 
-def _check_data_settings(config: TrainConfig) -> None:
-    """Refuse the settings that only synthesised brains can serve, for other data."""
+def _check_settings(config: TrainConfig) -> None:
+    """Refuse the settings that only synthesised brains can serve, for other data, and an
+    ``ema_start`` without an average to start."""
     if config.box != tuple(config.input_shape) and config.data != "synthseg3d":
         raise ValueError(f"train(): box_shape is for synthseg3d boxes, not {config.data!r} data; leave it empty")
     if config.mask_similarity and config.data != "synthseg3d":
@@ -303,6 +304,9 @@ def _check_data_settings(config: TrainConfig) -> None:
     if config.label_weight and config.data != "synthseg3d":
         raise ValueError(f"train(): label_weight is for synthseg3d data, whose label maps cover every image, "
                          f"not {config.data!r} data; leave it 0")
+    if config.ema_start and not config.ema_decay:
+        raise ValueError(f"train(): ema_start (the step after which the weights are averaged) needs ema_decay > 0, "
+                         f"got ema_start {config.ema_start} with ema_decay 0")
 
 
 def _train_step(config: TrainConfig, step: int, seed: int, source, loss_model: nn.Module,
@@ -353,10 +357,7 @@ def train(
     rank, world = _rank_and_world()
     output = Path(config.output)
     torch.manual_seed(config.seed)
-    _check_data_settings(config)
-    if config.ema_start and not config.ema_decay:
-        raise ValueError(f"train(): ema_start (the step after which the weights are averaged) needs ema_decay > 0, "
-                         f"got ema_start {config.ema_start} with ema_decay 0")
+    _check_settings(config)
     trainee = _trainee(config, device, output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
